@@ -1,0 +1,30 @@
+"""jetspec_compile: lossless speculative decoding with parallel tree drafting for any Hugging Face causal LM.
+
+Data flows capture → passes → lowering → runtime::
+
+    capture_step(model)            FX graph of one step            jetspec_compile.capture
+    TREE_VERIFY_PIPELINE           tree mask, positions, KV cache, jetspec_compile.passes
+                                   hidden-state taps
+    TreeVerifier                   prefill / verify / commit        jetspec_compile.runtime
+"""
+
+from .capture import CapturedStep, capture_step
+from .errors import CacheFullError, JetSpecError, UnsupportedModelError
+from .runtime import TreeVerifier
+from .tree import TreeSpec, ancestor_mask, depths, path_to, retrieve_indices
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheFullError",
+    "CapturedStep",
+    "JetSpecError",
+    "TreeSpec",
+    "TreeVerifier",
+    "UnsupportedModelError",
+    "ancestor_mask",
+    "capture_step",
+    "depths",
+    "path_to",
+    "retrieve_indices",
+]

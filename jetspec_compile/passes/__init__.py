@@ -1,0 +1,33 @@
+"""Graph passes that turn a captured causal step into a tree-verification step.
+
+The pipeline is an explicit, ordered list. Ordering rules:
+
+1. ``insert_tree_positions`` first: it replaces ``position_ids`` and tags the ``tree_positions`` node that the
+   mask pass reads for sliding windows.
+2. ``insert_kv_cache`` before ``insert_tree_mask``: the mask covers the cache slots, and both must see the
+   ``write_slots`` input the cache pass adds.
+3. ``tap_hidden_states`` last: it only adds an output and must not observe intermediate rewrites.
+"""
+
+from .insert_kv_cache import insert_kv_cache
+from .insert_tree_mask import attention_windows, insert_tree_mask, tree_attention_mask
+from .insert_tree_positions import insert_tree_positions
+from .manager import PassManager, PassResult, lint_graph
+from .tap_hidden_states import default_tap_layers, tap_hidden_states
+
+#: the tree-verification pipeline, in order
+TREE_VERIFY_PIPELINE = (insert_tree_positions, insert_kv_cache, insert_tree_mask, tap_hidden_states)
+
+__all__ = [
+    "TREE_VERIFY_PIPELINE",
+    "PassManager",
+    "PassResult",
+    "attention_windows",
+    "default_tap_layers",
+    "insert_kv_cache",
+    "insert_tree_mask",
+    "insert_tree_positions",
+    "lint_graph",
+    "tap_hidden_states",
+    "tree_attention_mask",
+]

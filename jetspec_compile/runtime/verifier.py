@@ -1,0 +1,262 @@
+"""TreeVerifier: the lower-level API over a rewritten target — ``prefill``, ``verify``, ``commit``.
+
+Data flow: ``capture_step`` → ``TREE_VERIFY_PIPELINE`` (passes) → optional lowering (``compile_fn``) → this
+object, which owns the static KV cache and feeds the graph its explicit inputs (tokens, depths, ancestor mask,
+cache slots). The committed prefix lives in the cache; the *pending* token (last emitted, not yet in the cache)
+is the root of the next tree.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..capture import CapturedStep, capture_step, text_config
+from ..errors import UnsupportedModelError
+from ..kv_cache import StaticKVCache
+from ..passes import TREE_VERIFY_PIPELINE, PassManager
+from ..tree import TreeSpec, ancestor_mask, depths, pad_tree
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TreeVerifier", "build_verify_step"]
+
+#: cache views are cut to a multiple of this many slots (attention only reads what is in use)
+SLOT_BUCKET = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _tree_tensors(tree: TreeSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    return depths(tree), ancestor_mask(tree)
+
+
+def build_verify_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16,
+                      tap_layers: Sequence[int] | None = None, run_checks: bool = False,
+                      dump: Sequence[str] = ()) -> tuple[CapturedStep, dict]:
+    """Capture ``model`` and run the tree-verify pipeline. Returns the step and each pass's result."""
+    step = capture_step(model, batch_size=batch_size, num_nodes=num_nodes)
+    if tap_layers is not None:
+        step.meta["tap_layers"] = tuple(tap_layers)
+    manager = PassManager(TREE_VERIFY_PIPELINE, run_checks_after_each_pass=run_checks, dump=dump)
+    return step, manager(step)
+
+
+class TreeVerifier:
+    """Verify token trees against a Hugging Face causal LM in one forward per tree.
+
+    Args:
+        model: the target model (any family the passes match).
+        max_cache_len: static KV cache size ``L`` (prompt + generated tokens + one tree must fit).
+        batch_size: rows per call.
+        num_nodes: tree budget ``N``; smaller trees are padded to it.
+        tap_layers: decoder layers whose hidden states ``verify`` returns (default: 5 spread layers).
+        compile_fn: optional lowering of the rewritten ``GraphModule`` (e.g. a torch.compile backend).
+        self_check: compare the rewritten graph with the eager model once at construction.
+    """
+
+    def __init__(self, model: nn.Module, *, max_cache_len: int = 1024, batch_size: int = 1, num_nodes: int = 16,
+                 tap_layers: Sequence[int] | None = None, compile_fn: Callable | None = None,
+                 self_check: bool = True, run_checks: bool = False):
+        if max_cache_len < num_nodes:
+            raise ValueError(f"max_cache_len={max_cache_len} is smaller than the tree budget num_nodes={num_nodes}")
+        start = time.perf_counter()
+        self.model = model
+        self.step, self.pass_results = build_verify_step(
+            model, batch_size=batch_size, num_nodes=num_nodes, tap_layers=tap_layers, run_checks=run_checks)
+        self.capture_seconds = time.perf_counter() - start
+        self.graph = self.step.graph_module if compile_fn is None else compile_fn(self.step.graph_module)
+        self.batch_size, self.num_nodes = batch_size, num_nodes
+        self.tap_layers = self.step.meta["tap_layers"]
+        kv = self.step.meta["kv"]
+        self.device = next(model.parameters()).device
+        self.cache = StaticKVCache(kv["num_layers"], batch_size, kv["heads"], kv["head_dim"], max_cache_len,
+                                   kv["dtype"], self.device)
+        self.base_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._pending: list[TreeSpec] | None = None
+        if self_check:
+            self._self_check()
+
+    # -- properties ---------------------------------------------------------------------------------------
+    @property
+    def max_cache_len(self) -> int:
+        return self.cache.max_length
+
+    @property
+    def committed_length(self) -> int:
+        """Slots in use (shared by all rows; includes left padding and holes)."""
+        return self.cache.length
+
+    @property
+    def vocab_size(self) -> int:
+        return text_config(self.model).vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.step.hidden_size
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.base_position.zero_()
+        self._pending = None
+
+    # -- the step -----------------------------------------------------------------------------------------
+    def _run(self, tokens: torch.Tensor, depth: torch.Tensor, tree_mask: torch.Tensor, start: int):
+        """One graph call writing N nodes at slots ``start .. start + N - 1``."""
+        n = self.num_nodes
+        length = min(self.cache.max_length, -(-(start + n) // SLOT_BUCKET) * SLOT_BUCKET)
+        valid = self.cache.valid[:, :length].clone()
+        valid[:, start:] = False
+        caches = self.cache.views(length)
+        inputs = {
+            "input_ids": tokens,
+            "base_position": self.base_position,
+            "depth": depth,
+            "write_slots": torch.arange(start, start + n, device=self.device),
+            "tree_mask": tree_mask,
+            "cache_valid": valid,
+            "cache_positions": self.cache.positions[:, :length],
+        }
+        for layer in range(len(caches) // 2):
+            inputs[f"k_cache_{layer}"] = caches[2 * layer]
+            inputs[f"v_cache_{layer}"] = caches[2 * layer + 1]
+        with torch.no_grad():
+            logits, hidden = self.graph(**inputs)
+        return logits, hidden  # [B, N, V], [B, N, K*H]
+
+    def _check_batch(self, tensor: torch.Tensor, name: str) -> None:
+        if tensor.dim() != 2 or tensor.shape[0] != self.batch_size:
+            raise ValueError(f"{name} must have shape [batch={self.batch_size}, tokens], got {tuple(tensor.shape)}")
+        if tensor.device != self.device:
+            raise ValueError(f"{name} is on {tensor.device} but the model is on {self.device}; move it with .to()")
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Commit a (left-padded) prompt to the cache.
+
+        input_ids, attention_mask: [B, P]. Returns ``(logits [B, V], hidden [B, P, K*H])``: the logits at the
+        last prompt position (they predict the first new token) and the tapped hidden states of every prompt
+        position. Resets any earlier state.
+        """
+        self._check_batch(input_ids, "input_ids")
+        b, p = input_ids.shape
+        if p == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._check_batch(attention_mask, "attention_mask")
+        n = self.num_nodes
+        if max(p, n) > self.cache.max_length - 1:
+            raise ValueError(
+                f"prompt of {p} tokens does not fit max_cache_len={self.cache.max_length} with a tree of {n} "
+                "nodes; raise max_cache_len or shorten the prompt")
+        if bool((attention_mask.sum(1) == 0).any()):
+            raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one real token")
+        self.reset()
+        real = attention_mask.bool()
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        starts = list(range(0, max(p - n, 0), n)) + [max(p - n, 0)]
+        pad = max(n - p, 0)
+        ids = torch.nn.functional.pad(input_ids, (0, pad))
+        real_padded = torch.nn.functional.pad(real, (0, pad))
+        pos_padded = torch.nn.functional.pad(positions, (0, pad))
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        eye = torch.eye(n, dtype=torch.bool, device=self.device)
+        hidden_parts, covered = [], 0
+        for start in starts:
+            cols = real_padded[:, start:start + n]
+            tree_mask = (causal[None] & cols[:, None, :]) | eye[None]  # [B, N, N]
+            self.cache.valid[:, :start] = real[:, :start]
+            self.cache.positions[:, :start] = positions[:, :start]
+            self.base_position.zero_()
+            logits, hidden = self._run(ids[:, start:start + n], pos_padded[:, start:start + n], tree_mask, start)
+            hidden_parts.append(hidden[:, covered - start:min(p, start + n) - start])
+            covered = min(p, start + n)
+        self.cache.valid[:, :p] = real
+        self.cache.positions[:, :p] = positions
+        self.cache.length = p
+        self.base_position = real.long().sum(1)
+        last = p - 1 - starts[-1]
+        return logits[:, last], torch.cat(hidden_parts, dim=1)
+
+    def verify(self, tokens: torch.Tensor, trees: TreeSpec | Sequence[TreeSpec]):
+        """Run one tree per row through the target in one forward.
+
+        tokens: [B, n] node tokens (node 0 = the pending root token), n <= num_nodes; trees: one TreeSpec for
+        all rows or one per row, each of n nodes. Returns ``(logits [B, n, V], hidden [B, n, K*H])``; the
+        logits at node i are the target's next-token logits after the root-to-i path.
+        """
+        self._check_batch(tokens, "tokens")
+        b, n = tokens.shape
+        trees = [trees] * b if isinstance(trees, TreeSpec) else list(trees)
+        if len(trees) != b:
+            raise ValueError(f"got {len(trees)} trees for a batch of {b}")
+        for i, tree in enumerate(trees):
+            if not isinstance(tree, TreeSpec):
+                raise TypeError(f"trees[{i}] must be a TreeSpec, got {type(tree).__name__}")
+            if len(tree) != n:
+                raise ValueError(f"trees[{i}] has {len(tree)} nodes but {n} tokens were given")
+        if n > self.num_nodes:
+            raise ValueError(f"tree of {n} nodes exceeds the verify budget num_nodes={self.num_nodes}")
+        if self.cache.length == 0:
+            raise RuntimeError("call prefill() before verify()")
+        self.cache.check_room(self.num_nodes)
+        vocab = self.vocab_size
+        if bool(((tokens < 0) | (tokens >= vocab)).any()):
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+        padded = [_tree_tensors(pad_tree(t, self.num_nodes)) for t in trees]
+        depth = torch.stack([d for d, _ in padded]).to(self.device)
+        tree_mask = torch.stack([m for _, m in padded]).to(self.device)
+        ids = torch.nn.functional.pad(tokens, (0, self.num_nodes - n))
+        logits, hidden = self._run(ids, depth, tree_mask, self.cache.length)
+        self._pending = trees
+        return logits[:, :n], hidden[:, :n]
+
+    def commit(self, accepted: Sequence[Sequence[int]]) -> None:
+        """Keep each row's accepted root-to-node path of the last verified tree; drop the rest.
+
+        accepted: per row, node indices from the root (0) down one path, e.g. ``[0, 2, 5]``. Their keys and
+        values move to the slots right after the committed prefix, so the next step sees a clean prefix.
+        """
+        if self._pending is None:
+            raise RuntimeError("commit() needs a verify() first")
+        if len(accepted) != self.batch_size:
+            raise ValueError(f"got accepted paths for {len(accepted)} rows, batch is {self.batch_size}")
+        for row, (path, tree) in enumerate(zip(accepted, self._pending)):
+            path = list(path)
+            if not path or path[0] != 0:
+                raise ValueError(f"row {row}: an accepted path starts at the root node 0, got {path}")
+            for parent, child in zip(path, path[1:]):
+                if not 0 <= child < len(tree) or tree.parents[child] != parent:
+                    raise ValueError(f"row {row}: {path} is not a root-to-node path of the verified tree")
+        counts = torch.tensor([len(p) for p in accepted], device=self.device)
+        width = int(counts.max())
+        slots = torch.tensor([list(p) + [p[-1]] * (width - len(p)) for p in accepted], device=self.device)
+        start = self.cache.length
+        positions = self.base_position[:, None] + torch.arange(width, device=self.device)[None]
+        self.cache.commit(slots + start, counts, positions)
+        self.base_position = self.base_position + counts
+        self._pending = None
+
+    # -- construction-time check --------------------------------------------------------------------------
+    def _self_check(self) -> None:
+        """Compare one chunked prefill of the rewritten graph with the eager model (catches unmodelled
+        attention semantics such as ALiBi biases instead of returning silently wrong logits)."""
+        gen = torch.Generator().manual_seed(0)
+        p = min(self.num_nodes + 3, self.cache.max_length - 1)
+        ids = torch.randint(0, self.vocab_size, (self.batch_size, p), generator=gen).to(self.device)
+        logits, _ = self.prefill(ids)
+        with torch.no_grad():
+            expected = self.model(input_ids=ids, use_cache=False).logits[:, -1]
+        self.reset()
+        scale = expected.abs().max().clamp(min=1.0)
+        tol = 1e-3 if expected.dtype == torch.float32 else 5e-2
+        err = float((logits.float() - expected.float()).abs().max() / scale)
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"the rewritten graph of {type(self.model).__name__} disagrees with the eager model (relative "
+                f"error {err:.2e} > {tol:.0e}); its attention has semantics the passes do not model "
+                "(e.g. ALiBi or soft-capping), so it is refused rather than run wrongly")
