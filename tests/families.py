@@ -1,0 +1,49 @@
+"""Tiny random-weight models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 97
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               tie_word_embeddings=False)
+
+#: family name -> (model_type, config overrides). Sliding windows are small so tests cross them.
+FAMILIES = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+                        "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "mistral": ("mistral", {"sliding_window": 8}),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 8,
+                               "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+    "phi3": ("phi3", {"sliding_window": 8}),
+    "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 512, "n_inner": 96}),
+    "gpt_neox": ("gpt_neox", {"use_parallel_residual": True}),
+    "opt": ("opt", {"ffn_dim": 96, "word_embed_proj_dim": 64, "do_layer_norm_before": True}),
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, seed: int):
+    model_type, overrides = FAMILIES[family]
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    # Random init gives near-uniform logits; sharpen the head so greedy ties are rare and drafts can be right.
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight.mul_(8.0)
+    return model
+
+
+def make_model(family: str, seed: int = 0):
+    """A fresh tiny model of ``family`` (cached; deep-copied so tests may not leak changes)."""
+    return copy.deepcopy(_model(family, seed))

