@@ -9,8 +9,11 @@ Data flows capture → passes → lowering → runtime::
 """
 
 from .capture import CapturedStep, capture_step
+from .config import JetSpecConfig
+from .drafter import DraftTree, Drafter, NGramDrafter
 from .errors import CacheFullError, JetSpecError, UnsupportedModelError
 from .runtime import TreeVerifier
+from .runtime.spec_model import SpecModel, optimize
 from .tree import TreeSpec, ancestor_mask, depths, path_to, retrieve_indices
 
 __version__ = "0.1.0"
@@ -18,6 +21,12 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheFullError",
     "CapturedStep",
+    "DraftTree",
+    "Drafter",
+    "JetSpecConfig",
+    "NGramDrafter",
+    "SpecModel",
+    "optimize",
     "JetSpecError",
     "TreeSpec",
     "TreeVerifier",

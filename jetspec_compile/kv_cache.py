@@ -75,3 +75,22 @@ class StaticKVCache:
         self.valid[:, self.length:self.length + count] = keep
         self.positions[:, self.length:self.length + count] = positions
         self.length += count
+
+    def defragment(self) -> None:
+        """Squeeze out holes: move each row's committed slots to the right end of ``0 .. m - 1`` (``m`` = the
+        most committed slots of any row), like left padding, and reset the write pointer to ``m``."""
+        valid = self.valid[:, :self.length]
+        counts = valid.sum(1).tolist()
+        width = max(counts)
+        src = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.valid.device)
+        keep = torch.zeros(self.batch_size, width, dtype=torch.bool, device=self.valid.device)
+        for row, count in enumerate(counts):
+            slots = valid[row].nonzero()[:, 0]
+            src[row, width - count:] = slots
+            keep[row, width - count:] = True
+        positions = self.positions.gather(1, src)
+        compact_kv_cache(self.kv, src, 0)
+        self.valid.zero_()
+        self.valid[:, :width] = keep
+        self.positions[:, :width] = positions
+        self.length = width

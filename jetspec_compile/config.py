@@ -1,0 +1,49 @@
+"""The one config object of :func:`jetspec_compile.optimize`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["JetSpecConfig", "BACKENDS"]
+
+BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class JetSpecConfig:
+    """Options of a speculative model. Unknown names raise; every field is checked on construction.
+
+    Attributes:
+        backend: how the verify graph is lowered: ``"eager"`` (the rewritten FX graph run by PyTorch),
+            ``"inductor"`` (torch.compile with the ``jetspec`` backend), ``"onnxruntime"``, ``"tensorrt"``.
+        budget: tree budget ``N`` — nodes verified per target forward (trees are padded to it).
+        max_cache_len: static KV cache size; prompt + ``max_new_tokens`` + ``budget`` must fit.
+        tap_layers: target layers whose hidden states feed the drafter (None: the drafter's own, else 5 spread).
+        self_check: compare the rewritten graph with the eager model once when it is built.
+    """
+
+    backend: str = "eager"
+    budget: int = 16
+    max_cache_len: int = 2048
+    tap_layers: tuple[int, ...] | None = None
+    self_check: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"budget must be a positive int (tree nodes per verification), got {self.budget!r}")
+        if not isinstance(self.max_cache_len, int) or self.max_cache_len <= self.budget:
+            raise ValueError(f"max_cache_len must be an int larger than budget={self.budget}, got {self.max_cache_len!r}")
+        if self.tap_layers is not None:
+            object.__setattr__(self, "tap_layers", tuple(int(i) for i in self.tap_layers))
+
+    @classmethod
+    def from_options(cls, **options) -> "JetSpecConfig":
+        """Build from keyword options, naming any unknown option and the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown jetspec option(s) {unknown}; valid options are {sorted(names)}")
+        return cls(**options)

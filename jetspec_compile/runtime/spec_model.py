@@ -1,0 +1,191 @@
+"""``optimize(model)``: a speculative model with an HF-style ``generate``.
+
+``optimize`` works three ways::
+
+    spec = jetspec_compile.optimize(model, drafter=NGramDrafter(), budget=16)
+
+    @jetspec_compile.optimize(budget=16)          # on a function or class that builds an HF model
+    def load(): return AutoModelForCausalLM.from_pretrained(...)
+
+    torch.compile(fn, backend="jetspec")          # the lowering backend (see jetspec_compile.backends)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..capture import text_config
+from ..config import JetSpecConfig
+from ..drafter.ngram import NGramDrafter
+from .loop import SamplingParams, speculative_generate
+from .verifier import TreeVerifier
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SpecModel", "optimize"]
+
+
+class SpecModel:
+    """A target model wrapped for lossless speculative decoding (build it with :func:`optimize`).
+
+    Attributes:
+        model: the unmodified HF model (still usable on its own).
+        drafter: the drafter proposing trees.
+        config: the :class:`~jetspec_compile.config.JetSpecConfig`.
+        last_stats: statistics of the last ``generate`` call (plain dict: ``tau``, ``target_forwards``,
+            ``drafter_calls``, ``tokens_per_second``, ``acceptance_histogram``, ...).
+    """
+
+    def __init__(self, model: nn.Module, drafter=None, config: JetSpecConfig | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"optimize() needs a Hugging Face model (nn.Module), got {type(model).__name__}")
+        self.model = model.eval()
+        self.config = config or JetSpecConfig()
+        self.drafter = drafter if drafter is not None else NGramDrafter()
+        _check_drafter(self.drafter, model)
+        self._verifiers: dict[int, TreeVerifier] = {}
+        self.last_stats: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def verifier(self, batch_size: int) -> TreeVerifier:
+        """The tree verifier for ``batch_size`` rows (captured and lowered on first use, then reused)."""
+        if batch_size not in self._verifiers:
+            from ..backends import lower
+
+            tap_layers = self.config.tap_layers or getattr(self.drafter, "tap_layers", None)
+            self._verifiers[batch_size] = TreeVerifier(
+                self.model, max_cache_len=self.config.max_cache_len, batch_size=batch_size,
+                num_nodes=self.config.budget, tap_layers=tap_layers, self_check=self.config.self_check,
+                compile_fn=lower(self.config.backend))
+        return self._verifiers[batch_size]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 streamer=None, generator: torch.Generator | None = None, **unsupported) -> torch.Tensor:
+        """Generate like ``model.generate`` (greedy output is token-identical to it).
+
+        Args mirror HF ``generate``: ``input_ids``/``attention_mask`` ``[B, P]`` (left-padded for B > 1),
+        ``max_new_tokens`` (never exceeded), ``do_sample``/``temperature``/``top_k``/``top_p``,
+        ``eos_token_id`` (an id or a list; default: the model's generation config), ``pad_token_id`` (fills
+        rows that finished early), ``streamer`` (an HF ``TextStreamer``/``TextIteratorStreamer``, batch 1) and
+        ``generator`` (seeds sampling). Returns ``[B, P + new]`` like HF.
+        """
+        if unsupported:
+            raise TypeError(f"generate() got unsupported arguments {sorted(unsupported)}; supported are input_ids, "
+                            "attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, "
+                            "pad_token_id, streamer, generator")
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, max_new_tokens)
+        params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
+        gen_cfg = getattr(self.model, "generation_config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if pad_token_id is None:
+            pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+            pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        batch = input_ids.shape[0]
+        if streamer is not None:
+            if batch != 1:
+                raise ValueError("streamers support batch size 1 only (as in HF generate)")
+            streamer.put(input_ids.cpu())
+        emit = (lambda row, toks: streamer.put(torch.tensor(toks))) if streamer is not None else None
+        verifier = self.verifier(batch)
+        try:
+            outputs, stats = speculative_generate(
+                verifier, self.drafter, input_ids, attention_mask, max_new_tokens=max_new_tokens, params=params,
+                eos_token_ids=eos, budget=self.config.budget, emit=emit)
+        finally:
+            verifier.reset()  # a drafter or user error mid-generation leaves a clean verifier behind
+            if streamer is not None:
+                streamer.end()
+        self.last_stats = stats
+        width = max(len(o) for o in outputs)
+        new = torch.full((batch, width), pad_token_id, dtype=torch.long)
+        for r, o in enumerate(outputs):
+            new[r, :len(o)] = torch.tensor(o, dtype=torch.long)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    def _check_inputs(self, input_ids, attention_mask, max_new_tokens):
+        if not torch.is_tensor(input_ids):
+            raise TypeError(f"input_ids must be a tensor [B, P], got {type(input_ids).__name__}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [B, P] tensor, got shape {tuple(input_ids.shape)}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}; move them "
+                             "with input_ids.to(model.device)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("batched prompts must be left-padded (tokenizer.padding_side = 'left')")
+        vocab = text_config(self.model).vocab_size
+        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+            raise ValueError(f"input_ids contain ids outside the vocabulary [0, {vocab})")
+        need = input_ids.shape[1] + max_new_tokens + self.config.budget
+        if need > self.config.max_cache_len:
+            raise ValueError(
+                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + tree budget "
+                f"({self.config.budget}) = {need} exceeds max_cache_len={self.config.max_cache_len}; pass a larger "
+                "max_cache_len to optimize()")
+        return input_ids, attention_mask
+
+
+def _check_drafter(drafter, model) -> None:
+    for method in ("begin", "draft", "advance"):
+        if not callable(getattr(drafter, method, None)):
+            raise TypeError(f"drafter {type(drafter).__name__} lacks {method}(); see jetspec_compile.drafter.Drafter")
+    config = text_config(model)
+    vocab = getattr(drafter, "vocab_size", None)
+    if vocab is not None and vocab != config.vocab_size:
+        raise ValueError(f"drafter vocabulary ({vocab}) does not match the target's ({config.vocab_size}); "
+                         "train or load a drafter for this target")
+    hidden = getattr(drafter, "target_hidden_size", None)
+    if hidden is not None and hidden != config.hidden_size:
+        raise ValueError(f"drafter expects target hidden size {hidden}, the target has {config.hidden_size}; "
+                         "this drafter was trained for another model")
+    layers = getattr(drafter, "tap_layers", None)
+    if layers is not None and max(layers) >= config.num_hidden_layers:
+        raise ValueError(f"drafter taps layers {tuple(layers)} but the target has {config.num_hidden_layers} layers")
+
+
+def optimize(model: nn.Module | Callable | None = None, drafter=None, **options):
+    """Wrap an HF causal LM for lossless speculative decoding; also a decorator.
+
+    Args:
+        model: the target model, or a function/class that builds one (decorator use), or None (then a
+            decorator is returned: ``@optimize(drafter=..., budget=...)``).
+        drafter: anything following :class:`jetspec_compile.drafter.Drafter`; default: the training-free
+            :class:`~jetspec_compile.drafter.NGramDrafter`.
+        **options: fields of :class:`~jetspec_compile.config.JetSpecConfig` (unknown names raise).
+
+    Returns:
+        a :class:`SpecModel` (or a decorator / wrapped builder).
+    """
+    config = JetSpecConfig.from_options(**options)
+    if model is None:
+        return lambda builder: optimize(builder, drafter, **options)
+    if isinstance(model, nn.Module):
+        return SpecModel(model, drafter, config)
+    if callable(model):
+        @functools.wraps(model)
+        def build(*args, **kwargs):
+            return SpecModel(model(*args, **kwargs), drafter, config)
+        return build
+    raise TypeError(f"optimize() needs a model or a function building one, got {type(model).__name__}")
