@@ -13,6 +13,7 @@ from .config import JetSpecConfig
 from .drafter import DraftTree, Drafter, NGramDrafter
 from .errors import CacheFullError, JetSpecError, UnsupportedModelError
 from .runtime import TreeVerifier
+from .runtime.lossless import LosslessReport, check_lossless
 from .runtime.spec_model import SpecModel, optimize
 from .tree import TreeSpec, ancestor_mask, depths, path_to, retrieve_indices
 
@@ -25,7 +26,9 @@ __all__ = [
     "Drafter",
     "JetSpecConfig",
     "NGramDrafter",
+    "LosslessReport",
     "SpecModel",
+    "check_lossless",
     "optimize",
     "JetSpecError",
     "TreeSpec",

@@ -38,6 +38,7 @@ class StaticKVCache:
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
         self.length = 0  # shared write pointer: slots < length are committed (or holes / padding)
+        self.defragmentations = 0
 
     @property
     def batch_size(self) -> int:
@@ -47,6 +48,7 @@ class StaticKVCache:
         self.valid.zero_()
         self.positions.zero_()
         self.length = 0
+        self.defragmentations = 0
 
     def room(self) -> int:
         return self.max_length - self.length
@@ -94,3 +96,4 @@ class StaticKVCache:
         self.valid[:, :width] = keep
         self.positions[:, :width] = positions
         self.length = width
+        self.defragmentations += 1

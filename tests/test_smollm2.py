@@ -52,3 +52,30 @@ def test_smollm2_tree_logits_match_eager(smollm2):
     for r, nxt in enumerate([[5, 6], [7, 8]]):
         seq = prefixes[r] + [tokens[r][i] for i in paths[r]] + nxt
         torch.testing.assert_close(logits[r], sequence_logits(model, seq)[-2:], **TOL)
+
+
+def test_smollm2_generate_is_lossless_with_streamer(smollm2):
+    from transformers import TextIteratorStreamer
+
+    import jetspec_compile as js
+
+    model, tok = smollm2
+    spec = js.optimize(model, budget=12, max_cache_len=512)
+    messages = [{"role": "user", "content": "Rewrite with type hints:\ndef add(a, b):\n    return a + b\n"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    out = spec.generate(ids, max_new_tokens=40, streamer=streamer)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+    assert torch.equal(out, expected)
+    streamed = "".join(streamer)
+    assert streamed.strip() and streamed.strip() in tok.decode(out[0, ids.shape[1]:])
+    # batch of two left-padded chat prompts
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+             for c in ("What is 2 + 2?", "Name three colors and repeat them twice.")]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    out = spec.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=30)
+    with torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=30, do_sample=False)
+    assert torch.equal(out, expected)

@@ -137,7 +137,7 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
         logits, hidden = verify(verifier, trees)
         decisions = accept(logits, trees, params)
         t2 = time.perf_counter()
-        paths = [path for path, _ in decisions]
+        paths = [[] if done[r] else path for r, (path, _) in enumerate(decisions)]  # finished rows keep nothing
         verifier.commit(paths)
         accepted = [[t.tokens[i] for i in p] for t, p in zip(trees, paths)]
         drafter.advance(accepted, [hidden[r, p] for r, p in enumerate(paths)] if need_hidden else None)
@@ -151,6 +151,7 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
                 stats["accepted_lengths"][len(path)] += 1
             push(r, accepted[r][1:] + [bonus])
         roots = [bonus for _, bonus in decisions]
+    stats["defragmentations"] = verifier.cache.defragmentations
     return outputs, _finish(stats, outputs, start)
 
 

@@ -218,8 +218,9 @@ class TreeVerifier:
     def commit(self, accepted: Sequence[Sequence[int]]) -> None:
         """Keep each row's accepted root-to-node path of the last verified tree; drop the rest.
 
-        accepted: per row, node indices from the root (0) down one path, e.g. ``[0, 2, 5]``. Their keys and
-        values move to the slots right after the committed prefix, so the next step sees a clean prefix.
+        accepted: per row, node indices from the root (0) down one path, e.g. ``[0, 2, 5]``, or ``[]`` for a row
+        that keeps nothing (it finished). Their keys and values move to the slots right after the committed
+        prefix, so the next step sees a clean prefix.
         """
         if self._pending is None:
             raise RuntimeError("commit() needs a verify() first")
@@ -227,14 +228,20 @@ class TreeVerifier:
             raise ValueError(f"got accepted paths for {len(accepted)} rows, batch is {self.batch_size}")
         for row, (path, tree) in enumerate(zip(accepted, self._pending)):
             path = list(path)
-            if not path or path[0] != 0:
+            if not path:
+                continue  # a finished row keeps nothing
+            if path[0] != 0:
                 raise ValueError(f"row {row}: an accepted path starts at the root node 0, got {path}")
             for parent, child in zip(path, path[1:]):
                 if not 0 <= child < len(tree) or tree.parents[child] != parent:
                     raise ValueError(f"row {row}: {path} is not a root-to-node path of the verified tree")
         counts = torch.tensor([len(p) for p in accepted], device=self.device)
         width = int(counts.max())
-        slots = torch.tensor([list(p) + [p[-1]] * (width - len(p)) for p in accepted], device=self.device)
+        if width == 0:
+            self._pending = None
+            return
+        slots = torch.tensor([list(p) + [p[-1] if p else 0] * (width - len(p)) for p in accepted],
+                             device=self.device)
         start = self.cache.length
         positions = self.base_position[:, None] + torch.arange(width, device=self.device)[None]
         self.cache.commit(slots + start, counts, positions)

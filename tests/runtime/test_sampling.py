@@ -1,0 +1,140 @@
+"""Speculative sampling follows the target's distribution exactly (chi-square on a tiny vocabulary).
+
+The first token comes from the prefill; tokens 2 and 3 come from one verified tree (root = token 1), so the
+joint of the first three tokens checks the acceptance rule at two depths.
+"""
+
+import functools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import jetspec_compile as js
+from jetspec_compile.drafter import DraftTree, NGramDrafter
+from jetspec_compile.runtime import acceptance, loop
+from jetspec_compile.runtime.acceptance import warp_logits
+from jetspec_compile.tree import TreeSpec
+
+V = 8
+ROWS, ROUNDS = 200, 30  # 6000 samples of the first three tokens
+ALPHA = 1e-3
+PROMPT = [3, 1, 4, 1, 5]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model():
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    return model
+
+
+class SamplingDrafter:
+    """Draws children without replacement from a fixed, deliberately wrong distribution q and reports q."""
+
+    needs_hidden = False
+
+    def __init__(self, seed=0, width=3):
+        g = torch.Generator().manual_seed(seed)
+        self.q = torch.softmax(torch.randn(V, generator=g) * 2, -1)
+        self.width = width
+        self.g = g
+
+    def begin(self, prompts, hidden=None):
+        pass
+
+    def advance(self, accepted, hidden=None):
+        pass
+
+    def _children(self):
+        gumbel = -torch.log(-torch.log(torch.rand(V, generator=self.g)))
+        return torch.topk(self.q.log() + gumbel, self.width).indices.tolist()  # without replacement, in order
+
+    def draft(self, roots, budget):
+        out = []
+        for root in roots:
+            parents, tokens = [-1], [root]
+            for tok in self._children():
+                parents.append(0)
+                tokens.append(tok)
+                child = len(tokens) - 1
+                for tok2 in self._children()[:2]:
+                    parents.append(child)
+                    tokens.append(tok2)
+            probs = self.q.expand(len(tokens), V).clone()
+            out.append(DraftTree(tuple(tokens), TreeSpec(tuple(parents)), probs))
+        return out
+
+
+def exact_joint(model, temperature, top_k, top_p):
+    """P(t1, t2, t3) of the target after warping: [V, V, V]."""
+    def probs(prefixes):
+        with torch.no_grad():
+            return warp_logits(model(torch.tensor(prefixes)).logits[:, -1], temperature, top_k, top_p)
+
+    p1 = probs([PROMPT])[0]
+    p2 = probs([PROMPT + [a] for a in range(V)])  # [V, V]
+    p3 = probs([PROMPT + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def sampled_counts(spec, temperature, top_k, top_p, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(V, V, V)
+    ids = torch.tensor([PROMPT] * ROWS)
+    for _ in range(ROUNDS):
+        out = spec.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, top_k=top_k,
+                            top_p=top_p, generator=g)
+        for a, b, c in out[:, len(PROMPT):].tolist():
+            counts[a, b, c] += 1
+    return counts
+
+
+def p_value(counts, joint):
+    expected = joint.flatten() * counts.sum()
+    observed = counts.flatten()
+    assert observed[expected == 0].sum() == 0, "sampled a token the target gives probability 0"
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    keep = exp > 0
+    return chisquare(obs[keep].numpy(), exp[keep].numpy()).pvalue
+
+
+@pytest.mark.parametrize("drafter_kind", ["rejection", "follow"])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, 0.9)])
+def test_sampling_matches_target_distribution(drafter_kind, temperature, top_k, top_p):
+    drafter = SamplingDrafter() if drafter_kind == "rejection" else NGramDrafter(min_ngram=1)
+    spec = js.optimize(tiny_model(), drafter=drafter, budget=16, max_cache_len=48)
+    counts = sampled_counts(spec, temperature, top_k, top_p)
+    assert p_value(counts, exact_joint(spec.model, temperature, top_k, top_p)) > ALPHA
+    if drafter_kind == "rejection":
+        assert spec.last_stats["tau"] > 1.0  # drafts do get accepted
+
+
+def test_biased_acceptance_is_detected(monkeypatch):
+    def always_accept(probs, draft_probs, tree, tokens, generator=None):
+        kids = acceptance.children_of(tree)
+        if kids[0] and probs[0, tokens[kids[0][0]]] > 0:  # accept the first child whenever possible: biased to q
+            return [0, kids[0][0]], int(torch.multinomial(probs[kids[0][0]], 1, generator=generator))
+        return [0], int(torch.multinomial(probs[0], 1, generator=generator))
+
+    monkeypatch.setattr(loop, "accept_rejection", always_accept)
+    spec = js.optimize(tiny_model(), drafter=SamplingDrafter(), budget=16, max_cache_len=48)
+    counts = sampled_counts(spec, 1.0, None, None)
+    assert p_value(counts, exact_joint(spec.model, 1.0, None, None)) < ALPHA
+
+
+def test_warp_matches_hf_logits_processors():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(3, 50)
+    scores = TemperatureLogitsWarper(0.7)(None, logits.clone())
+    scores = TopKLogitsWarper(10)(None, scores)
+    scores = TopPLogitsWarper(0.8)(None, scores)
+    torch.testing.assert_close(warp_logits(logits, 0.7, 10, 0.8), scores.softmax(-1))
