@@ -1,0 +1,88 @@
+"""Save and load drafters: ``drafter.safetensors`` (bf16) + ``config.json`` in one folder, written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..capture import text_config
+from .model import DrafterConfig, ParallelDrafter
+
+__all__ = ["save_drafter", "load_drafter", "check_drafter_fits"]
+
+WEIGHTS, CONFIG = "drafter.safetensors", "config.json"
+
+
+def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the drafter's own weights (not the shared embedding / head) and config to folder ``path``.
+
+    Everything is written to a temporary folder beside ``path`` first and renamed into place, so a crash never
+    leaves a half-written checkpoint that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        state = {k: v.detach().to(dtype).contiguous() for k, v in drafter.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "jetspec-drafter"})
+        (tmp / CONFIG).write_text(drafter.cfg.to_json())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def check_drafter_fits(cfg: DrafterConfig, target) -> None:
+    """Raise ValueError if a drafter built for ``cfg`` cannot drive ``target``."""
+    tc = text_config(target)
+    problems = []
+    if cfg.target_hidden_size != tc.hidden_size:
+        problems.append(f"hidden size {cfg.target_hidden_size} != target's {tc.hidden_size}")
+    if cfg.vocab_size != tc.vocab_size:
+        problems.append(f"vocabulary {cfg.vocab_size} != target's {tc.vocab_size}")
+    if cfg.target_num_layers != tc.num_hidden_layers:
+        problems.append(f"trained for a target with {cfg.target_num_layers} layers, this one has {tc.num_hidden_layers}")
+    if max(cfg.tap_layers) >= tc.num_hidden_layers:
+        problems.append(f"taps layers {cfg.tap_layers} beyond the target's {tc.num_hidden_layers}")
+    if problems:
+        name = f" ({cfg.target_name})" if cfg.target_name else ""
+        raise ValueError(f"this drafter was trained for another target{name}: " + "; ".join(problems)
+                         + ". Train one for this model with `jetspec-compile train-drafter`.")
+
+
+def load_drafter(path: str | Path, target, dtype: torch.dtype = torch.float32) -> ParallelDrafter:
+    """Load a drafter saved by :func:`save_drafter` and attach it to ``target``'s embedding and LM head."""
+    path = Path(path)
+    if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
+        raise FileNotFoundError(f"{path} is not a drafter checkpoint (needs {CONFIG} and {WEIGHTS})")
+    try:
+        cfg = DrafterConfig.from_json((path / CONFIG).read_text())
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path / CONFIG} is not a valid drafter config: {err}") from err
+    check_drafter_fits(cfg, target)
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path / WEIGHTS} is corrupt or truncated ({err}); re-download or re-train it") from err
+    drafter = ParallelDrafter(cfg, target.get_input_embeddings(), target.get_output_embeddings())
+    expected = drafter.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    bad_shapes = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or unexpected or bad_shapes:
+        raise ValueError(f"{path / WEIGHTS} does not match its config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}, wrong shapes {sorted(bad_shapes)[:5]}")
+    drafter.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return drafter.to(dtype).eval()
