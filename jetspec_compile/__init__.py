@@ -6,6 +6,7 @@ Data flows capture → passes → lowering → runtime::
     TREE_VERIFY_PIPELINE           tree mask, positions, KV cache, jetspec_compile.passes
                                    hidden-state taps
     TreeVerifier                   prefill / verify / commit        jetspec_compile.runtime
+    optimize(model, drafter=...)   the speculative loop, .generate  jetspec_compile.runtime
 """
 
 from .capture import CapturedStep, capture_step
@@ -14,7 +15,7 @@ from .drafter import DraftTree, Drafter, NGramDrafter
 from .errors import CacheFullError, JetSpecError, UnsupportedModelError
 from .runtime import TreeVerifier
 from .runtime.lossless import LosslessReport, check_lossless
-from .runtime.spec_model import SpecModel, optimize
+from .runtime.spec_model import SpecModel, attach_drafter, optimize
 from .tree import TreeSpec, ancestor_mask, depths, path_to, retrieve_indices
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "TreeSpec",
     "TreeVerifier",
     "UnsupportedModelError",
+    "attach_drafter",
     "ancestor_mask",
     "capture_step",
     "depths",

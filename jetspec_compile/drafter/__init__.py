@@ -1,6 +1,44 @@
-"""Drafters: the protocol, a training-free n-gram tree drafter, and the parallel tree drafter."""
+"""Drafters: the protocol, a training-free n-gram tree drafter, and the parallel tree drafter (JetSpec)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import check_drafter_fits, load_drafter, save_drafter
+from .jetspec import JetSpecDrafter
+from .model import DrafterConfig, ParallelDrafter
 from .ngram import NGramDrafter
 from .protocol import DraftTree, Drafter
+from .tree_builder import best_first_tree
 
-__all__ = ["DraftTree", "Drafter", "NGramDrafter"]
+__all__ = [
+    "DraftTree",
+    "Drafter",
+    "DrafterConfig",
+    "JetSpecDrafter",
+    "NGramDrafter",
+    "ParallelDrafter",
+    "best_first_tree",
+    "check_drafter_fits",
+    "load_drafter",
+    "load_jetspec_drafter",
+    "save_drafter",
+    "shipped_drafter_path",
+]
+
+_SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def shipped_drafter_path(name: str = "smollm2") -> Path:
+    """Folder of a drafter checkpoint shipped with the package (``smollm2``: SmolLM2-135M-Instruct)."""
+    path = _SHIPPED / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no shipped drafter {name!r} in {_SHIPPED}")
+    return path
+
+
+def load_jetspec_drafter(path, target, width: int = 4, max_depth: int | None = None) -> JetSpecDrafter:
+    """Load a drafter checkpoint (a folder, or ``"smollm2"`` for the shipped one) ready for ``optimize``."""
+    if str(path) == "smollm2" and not Path(path).exists():
+        path = shipped_drafter_path("smollm2")
+    return JetSpecDrafter(load_drafter(path, target), width=width, max_depth=max_depth)

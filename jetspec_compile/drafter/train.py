@@ -72,13 +72,21 @@ class TrainConfig:
 
 @torch.no_grad()
 def compute_features(target, records: list[dict], tap_layers, max_len: int = 512, progress: bool = True):
-    """Run the target once per sequence; return ``[(ids [T], hidden [T, K*H] fp16, prompt_len)]``."""
+    """Run the target once per sequence; return ``[(ids [T], hidden [T, K*H] fp16, prompt_len)]``.
+
+    The hidden states come from the same rewritten graph and taps that feed the drafter at inference
+    (:meth:`TreeVerifier.prefill`), so training and inference see identical features (HF's own
+    ``output_hidden_states`` differs for the last layer, which it returns after the final norm).
+    """
+    from ..runtime.verifier import TreeVerifier
+
+    verifier = TreeVerifier(target, max_cache_len=max_len + 65, num_nodes=64, tap_layers=tuple(tap_layers),
+                            self_check=False)
     feats = []
     for rec in tqdm(records, desc="target features", unit="seq", disable=not progress):
         ids = torch.tensor(rec["prompt_ids"] + rec["response_ids"])[:max_len]
-        out = target(input_ids=ids[None], output_hidden_states=True)
-        hidden = torch.cat([out.hidden_states[i + 1][0] for i in tap_layers], dim=-1).half()
-        feats.append((ids, hidden, min(len(rec["prompt_ids"]), len(ids) - 1)))
+        _, hidden = verifier.prefill(ids[None])
+        feats.append((ids, hidden[0].half(), min(len(rec["prompt_ids"]), len(ids) - 1)))
     return feats
 
 
@@ -226,7 +234,7 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
             if loss is None:
                 continue
             (loss / len(batch)).backward()
-            losses.append(float(loss))
+            losses.append(loss.item())
             tokens_seen += n
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
         opt.step()

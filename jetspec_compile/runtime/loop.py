@@ -99,7 +99,7 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = [max_new_tokens == 0] * batch
     stats = {"target_forwards": 0, "drafter_calls": 0, "accepted_lengths": Counter(), "steps": 0,
-             "draft_seconds": 0.0, "verify_seconds": 0.0}
+             "draft_seconds": 0.0, "verify_seconds": 0.0, "trace": []}
     if max_new_tokens == 0:
         return outputs, _finish(stats, outputs, start)
 
@@ -128,6 +128,7 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
     roots = params.pick(logits)
     for r in range(batch):
         push(r, [roots[r]])
+    stats["trace"].append((time.perf_counter() - start, sum(len(o) for o in outputs)))
     while not all(done):
         if verifier.cache.room() < verifier.num_nodes:
             verifier.cache.defragment()
@@ -150,6 +151,7 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
             if not done[r]:
                 stats["accepted_lengths"][len(path)] += 1
             push(r, accepted[r][1:] + [bonus])
+        stats["trace"].append((time.perf_counter() - start, sum(len(o) for o in outputs)))
         roots = [bonus for _, bonus in decisions]
     stats["defragmentations"] = verifier.cache.defragmentations
     return outputs, _finish(stats, outputs, start)

@@ -27,7 +27,7 @@ from .verifier import TreeVerifier
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpecModel", "optimize"]
+__all__ = ["SpecModel", "attach_drafter", "optimize"]
 
 
 class SpecModel:
@@ -189,3 +189,23 @@ def optimize(model: nn.Module | Callable | None = None, drafter=None, **options)
             return SpecModel(model(*args, **kwargs), drafter, config)
         return build
     raise TypeError(f"optimize() needs a model or a function building one, got {type(model).__name__}")
+
+
+def attach_drafter(model: nn.Module, drafter, **options) -> SpecModel:
+    """Attach a parallel drafter to ``model``: the verify graph's ``tap_hidden_states`` pass taps exactly the
+    drafter's layers, so every verification also yields the drafter's next context (no extra target forward).
+
+    ``drafter``: a :class:`~jetspec_compile.drafter.JetSpecDrafter`, a ``ParallelDrafter`` network, or a
+    checkpoint folder. Options as for :func:`optimize` (``tap_layers`` is taken from the drafter).
+    """
+    from ..drafter import JetSpecDrafter, ParallelDrafter, check_drafter_fits, load_jetspec_drafter
+
+    if isinstance(drafter, ParallelDrafter):
+        drafter = JetSpecDrafter(drafter)
+    elif not isinstance(drafter, JetSpecDrafter):
+        drafter = load_jetspec_drafter(drafter, model)
+    check_drafter_fits(drafter.model.cfg, model)
+    if options.get("tap_layers") not in (None, drafter.tap_layers):
+        raise ValueError(f"tap_layers {options['tap_layers']} conflict with the drafter's {drafter.tap_layers}")
+    options["tap_layers"] = drafter.tap_layers
+    return optimize(model, drafter=drafter, **options)

@@ -1,0 +1,142 @@
+"""The ``jetspec-compile`` command line: train a drafter, check losslessness, benchmark.
+
+    jetspec-compile train-drafter --model smollm2 --out drafters/smollm2
+    jetspec-compile check --model smollm2 --drafter drafters/smollm2
+    jetspec-compile bench --model smollm2 --drafter drafters/smollm2 --prompts humaneval gsm
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def load_target(name: str):
+    """``smollm2`` (the shipped real model) or a local Hugging Face checkpoint folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "smollm2":
+        from .models import load_smollm2
+        return load_smollm2()
+    path = Path(name)
+    if not path.exists():
+        raise SystemExit(f"--model {name!r}: not 'smollm2' and no such folder (the hub is not used at run time)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    return model, tok
+
+
+def cmd_train(args) -> None:
+    import torch
+
+    from .drafter.data import read_sequences, regenerate
+    from .drafter.model import DrafterConfig
+    from .drafter.train import TrainConfig, compute_features, evaluate, train_drafter
+    from .models import cache_dir
+    from .passes import default_tap_layers
+    from .prompts import load_jsonl, load_prompts
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_target(args.model)
+    out = Path(args.out)
+    data = Path(args.data) if args.data else cache_dir() / "data" / f"{out.name}_selfdistill.jsonl"
+    prompts = []
+    for name in args.prompts:
+        items = load_jsonl(name, args.limit) if name.endswith(".jsonl") else load_prompts(name, "train", args.limit)
+        prompts += [(name, p) for p in items]
+    if not prompts:
+        raise SystemExit("no training prompts: pass --prompts humaneval gsm codeio or a .jsonl file")
+    regenerate(model, tok, prompts, data, max_new_tokens=args.response_tokens, batch_size=args.gen_batch)
+    records = read_sequences(data)
+    taps = tuple(args.tap_layers) if args.tap_layers else default_tap_layers(model.config.num_hidden_layers)
+    feats = compute_features(model, records, taps)
+    n_eval = max(1, len(feats) // 20)
+    dcfg = DrafterConfig.for_target(model.config, taps, num_layers=args.layers, block_size=args.block_size)
+    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
+                       sequences_per_step=args.sequences_per_step, loss=args.loss)
+    drafter = train_drafter(model, feats[n_eval:], dcfg, tcfg, out, resume=not args.restart,
+                            eval_features=feats[:n_eval])
+    print(f"saved {out / 'drafter'}; held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
+
+
+def cmd_check(args) -> None:
+    import torch
+
+    from . import check_lossless, optimize
+    from .prompts import encode_chat, load_prompts
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_target(args.model)
+    drafter = _drafter(args, model)
+    spec = optimize(model, drafter=drafter, budget=args.budget)
+    prompts = [encode_chat(tok, p) for p in load_prompts(args.prompts, "test", args.limit)]
+    report = check_lossless(spec, prompts, max_new_tokens=args.max_new_tokens)
+    print(report)
+    sys.exit(0 if report.ok else 1)
+
+
+def _drafter(args, model):
+    if not getattr(args, "drafter", None):
+        return None
+    from .drafter import load_jetspec_drafter
+    return load_jetspec_drafter(args.drafter, model, width=args.width)
+
+
+def cmd_bench(args) -> None:
+    from .bench import run_bench_cli
+    run_bench_cli(args)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="jetspec-compile", description="Lossless speculative decoding with parallel "
+                                 "tree drafting for Hugging Face causal LMs.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log each pass and step")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train-drafter", help="regenerate data with the target and train a parallel drafter")
+    tr.add_argument("--model", default="smollm2", help="'smollm2' or a local HF checkpoint folder")
+    tr.add_argument("--out", required=True, help="output folder (checkpoints, train state)")
+    tr.add_argument("--prompts", nargs="+", default=["humaneval", "gsm", "codeio"],
+                    help="prompt sets (humaneval gsm codeio) and/or .jsonl files")
+    tr.add_argument("--limit", type=int, default=300, help="prompts per set")
+    tr.add_argument("--data", help="self-distillation JSONL (default: in the cache folder)")
+    tr.add_argument("--response-tokens", type=int, default=160)
+    tr.add_argument("--gen-batch", type=int, default=16)
+    tr.add_argument("--layers", type=int, default=2)
+    tr.add_argument("--block-size", type=int, default=8)
+    tr.add_argument("--tap-layers", type=int, nargs="+")
+    tr.add_argument("--epochs", type=int, default=6)
+    tr.add_argument("--lr", type=float, default=6e-4)
+    tr.add_argument("--anchors", type=int, default=16)
+    tr.add_argument("--sequences-per-step", type=int, default=4)
+    tr.add_argument("--loss", choices=["ce", "kl"], default="ce")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=2)
+    tr.add_argument("--restart", action="store_true", help="ignore an existing train state in --out")
+    tr.set_defaults(func=cmd_train)
+
+    ck = sub.add_parser("check", help="check that speculative greedy output equals plain greedy decoding")
+    ck.add_argument("--model", default="smollm2")
+    ck.add_argument("--drafter", help="drafter checkpoint folder (default: the training-free n-gram drafter)")
+    ck.add_argument("--prompts", default="humaneval")
+    ck.add_argument("--limit", type=int, default=5)
+    ck.add_argument("--max-new-tokens", type=int, default=64)
+    ck.add_argument("--budget", type=int, default=16)
+    ck.add_argument("--width", type=int, default=4)
+    ck.add_argument("--threads", type=int, default=2)
+    ck.set_defaults(func=cmd_check)
+
+    from .bench import add_bench_arguments
+    be = sub.add_parser("bench", help="benchmark against HF generate and assisted generation, interleaved")
+    add_bench_arguments(be)
+    be.set_defaults(func=cmd_bench)
+
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import heapq
+import itertools
+
+import pytest
+import torch
+
+from jetspec_compile.drafter import best_first_tree
+from jetspec_compile.tree import depths, path_to
+
+
+def brute_force_best(logprobs, budget, width):
+    """The budget-1 highest-scoring rank paths (every prefix included), by enumeration."""
+    top_v, _ = logprobs.topk(width, -1)
+    scores = {}
+    for d in range(1, logprobs.shape[0] + 1):
+        for path in itertools.product(range(width), repeat=d):
+            scores[path] = sum(float(top_v[i, r]) for i, r in enumerate(path))
+    return sorted(scores.values(), reverse=True)[:budget - 1]
+
+
+@pytest.mark.parametrize("budget, width", [(1, 3), (5, 2), (12, 3), (20, 4)])
+def test_best_first_picks_highest_cumulative_scores(budget, width):
+    g = torch.Generator().manual_seed(budget)
+    logprobs = torch.randn(4, 30, generator=g).log_softmax(-1)
+    tokens, tree = best_first_tree(7, logprobs, budget, width)
+    assert tokens[0] == 7 and len(tokens) == len(tree) == min(budget, 1 + sum(width ** d for d in range(1, 5)))
+    dep = depths(tree)
+    node_scores = []
+    for node in range(1, len(tree)):
+        path = path_to(tree, node)
+        node_scores.append(sum(float(logprobs[dep[n] - 1, tokens[n]]) for n in path[1:]))
+        assert tokens[node] in logprobs[dep[node] - 1].topk(width).indices.tolist()
+    # log-probs are <= 0, so the best prefix-closed set equals the best individual paths
+    assert sorted(node_scores, reverse=True) == pytest.approx(brute_force_best(logprobs, budget, width))
+
+
+def test_width_one_is_a_chain_of_argmaxes():
+    logprobs = torch.randn(5, 11).log_softmax(-1)
+    tokens, tree = best_first_tree(0, logprobs, 10, 1)
+    assert tree.parents == (-1, 0, 1, 2, 3, 4)
+    assert list(tokens[1:]) == logprobs.argmax(-1).tolist()
