@@ -35,6 +35,11 @@ def _tree_tensors(tree: TreeSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return depths(tree), ancestor_mask(tree)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Standard strides even on size-1 dims (``contiguous()`` keeps a slice's odd stride there)."""
+    return t if t.stride() == torch.empty(t.shape, device="meta").stride() else t.clone(memory_format=torch.contiguous_format)
+
+
 def build_verify_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16,
                       tap_layers: Sequence[int] | None = None, run_checks: bool = False,
                       dump: Sequence[str] = ()) -> tuple[CapturedStep, dict]:
@@ -112,12 +117,12 @@ class TreeVerifier:
         valid = self.cache.valid[:, :length].clone()
         valid[:, start:] = False
         caches = self.cache.views(length)
-        inputs = {
-            "input_ids": tokens,
+        inputs = {  # contiguous: compiled backends guard on strides
+            "input_ids": _dense(tokens),
             "base_position": self.base_position,
-            "depth": depth,
+            "depth": _dense(depth),
             "write_slots": torch.arange(start, start + n, device=self.device),
-            "tree_mask": tree_mask,
+            "tree_mask": _dense(tree_mask),
             "cache_valid": valid,
             "cache_positions": self.cache.positions[:, :length],
         }
