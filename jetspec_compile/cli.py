@@ -3,6 +3,7 @@
     jetspec-compile train-drafter --model smollm2 --out drafters/smollm2
     jetspec-compile check --model smollm2 --drafter drafters/smollm2
     jetspec-compile bench --model smollm2 --drafter drafters/smollm2 --prompts humaneval gsm
+    jetspec-compile export-trt --model smollm2 --drafter smollm2 --out engines/
 """
 
 from __future__ import annotations
@@ -84,6 +85,30 @@ def _drafter(args, model):
     return load_jetspec_drafter(args.drafter, model, width=args.width)
 
 
+def cmd_export(args) -> None:
+    import torch
+
+    from .backends.onnx import check_tensorrt_ops, export_onnx
+    from .backends.tensorrt import export_tensorrt
+    from .errors import JetSpecError
+
+    torch.set_num_threads(args.threads)
+    model, _ = load_target(args.model)
+    taps = _drafter(args, model).tap_layers if args.drafter else None
+    out = Path(args.out)
+    if args.command == "export-onnx":
+        path = export_onnx(model, out / "verify.onnx", num_nodes=args.budget, tap_layers=taps)
+        missing = check_tensorrt_ops(path)
+        print(f"wrote {path}; TensorRT-supported ops only: {not missing}{'' if not missing else ' ' + str(missing)}")
+        return
+    try:
+        paths = export_tensorrt(model, out, num_nodes=args.budget, tap_layers=taps, max_cache_len=args.max_cache_len,
+                                fp16=not args.fp32, bf16=args.bf16)
+    except JetSpecError as err:
+        raise SystemExit(f"export-trt: {err}") from err
+    print("wrote", *paths.values())
+
+
 def cmd_bench(args) -> None:
     from .bench import run_bench_cli
     run_bench_cli(args)
@@ -127,6 +152,20 @@ def main(argv=None) -> None:
     ck.add_argument("--width", type=int, default=4)
     ck.add_argument("--threads", type=int, default=2)
     ck.set_defaults(func=cmd_check)
+
+    for name, helptext in (("export-onnx", "export the tree-verify step to ONNX"),
+                           ("export-trt", "export ONNX and build a TensorRT engine (needs tensorrt + GPU)")):
+        ex = sub.add_parser(name, help=helptext)
+        ex.add_argument("--model", default="smollm2")
+        ex.add_argument("--drafter", help="drafter checkpoint (its tap layers are exported)")
+        ex.add_argument("--out", required=True, help="output folder")
+        ex.add_argument("--budget", type=int, default=16, help="tree budget N (static in the graph)")
+        ex.add_argument("--max-cache-len", type=int, default=4096, help="largest cache length of the engine profile")
+        ex.add_argument("--fp32", action="store_true", help="no FP16 flag")
+        ex.add_argument("--bf16", action="store_true", help="set the BF16 flag")
+        ex.add_argument("--width", type=int, default=4)
+        ex.add_argument("--threads", type=int, default=2)
+        ex.set_defaults(func=cmd_export)
 
     from .bench import add_bench_arguments
     be = sub.add_parser("bench", help="benchmark against HF generate and assisted generation, interleaved")

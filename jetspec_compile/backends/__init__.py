@@ -4,6 +4,8 @@
 
 * ``eager``: the rewritten FX graph, run op by op by PyTorch.
 * ``inductor``: ``torch.compile`` with the ``jetspec`` backend (Inductor: C++ on CPU, Triton on GPU).
+* ``onnxruntime``: the verify step exported to ONNX, run by onnxruntime.
+* ``tensorrt``: a TensorRT engine built from that ONNX file (needs ``tensorrt`` and a GPU).
 """
 
 from __future__ import annotations
@@ -19,5 +21,10 @@ def lower(name: str) -> Callable | None:
     if name == "inductor":
         from .inductor import lower_inductor
         return lower_inductor
-    raise NotImplementedError(
-        f"backend {name!r} is not implemented in this release; available: 'eager', 'inductor'")
+    if name == "onnxruntime":
+        from .onnx import lower_onnxruntime
+        return lower_onnxruntime
+    if name == "tensorrt":
+        from .tensorrt import lower_tensorrt
+        return lower_tensorrt
+    raise ValueError(f"unknown backend {name!r}; available: 'eager', 'inductor', 'onnxruntime', 'tensorrt'")

@@ -63,6 +63,6 @@ def jetspec_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:
         return compile_fx(gm, example_inputs)
 
 
-def lower_inductor(gm: torch.fx.GraphModule) -> Callable:
-    """Compile a rewritten verify graph with the ``jetspec`` backend."""
-    return torch.compile(gm, backend=jetspec_backend, fullgraph=True)
+def lower_inductor(step) -> Callable:
+    """Compile a rewritten verify step's graph with the ``jetspec`` backend."""
+    return torch.compile(step.graph_module, backend=jetspec_backend, fullgraph=True)

@@ -7,8 +7,12 @@ The pipeline is an explicit, ordered list. Ordering rules:
 2. ``insert_kv_cache`` before ``insert_tree_mask``: the mask covers the cache slots, and both must see the
    ``write_slots`` input the cache pass adds.
 3. ``tap_hidden_states`` last: it only adds an output and must not observe intermediate rewrites.
+
+``EXPORT_PIPELINE`` appends ``functionalize_kv_writes`` (after the taps, so its outputs follow
+``(logits, hidden)``) for backends that cannot mutate inputs (ONNX, TensorRT).
 """
 
+from .functionalize_kv_writes import functionalize_kv_writes
 from .insert_kv_cache import insert_kv_cache
 from .insert_tree_mask import attention_windows, insert_tree_mask, tree_attention_mask
 from .insert_tree_positions import insert_tree_positions
@@ -17,9 +21,13 @@ from .tap_hidden_states import default_tap_layers, tap_hidden_states
 
 #: the tree-verification pipeline, in order
 TREE_VERIFY_PIPELINE = (insert_tree_positions, insert_kv_cache, insert_tree_mask, tap_hidden_states)
+#: the same, made pure for export
+EXPORT_PIPELINE = TREE_VERIFY_PIPELINE + (functionalize_kv_writes,)
 
 __all__ = [
+    "EXPORT_PIPELINE",
     "TREE_VERIFY_PIPELINE",
+    "functionalize_kv_writes",
     "PassManager",
     "PassResult",
     "attention_windows",

@@ -60,7 +60,8 @@ class TreeVerifier:
         batch_size: rows per call.
         num_nodes: tree budget ``N``; smaller trees are padded to it.
         tap_layers: decoder layers whose hidden states ``verify`` returns (default: 5 spread layers).
-        compile_fn: optional lowering of the rewritten ``GraphModule`` (e.g. a torch.compile backend).
+        compile_fn: optional lowering ``CapturedStep -> callable`` of the rewritten graph (see
+            :func:`jetspec_compile.backends.lower`); the callable takes the graph's inputs by name.
         self_check: compare the rewritten graph with the eager model once at construction.
     """
 
@@ -74,7 +75,7 @@ class TreeVerifier:
         self.step, self.pass_results = build_verify_step(
             model, batch_size=batch_size, num_nodes=num_nodes, tap_layers=tap_layers, run_checks=run_checks)
         self.capture_seconds = time.perf_counter() - start
-        self.graph = self.step.graph_module if compile_fn is None else compile_fn(self.step.graph_module)
+        self.graph = self.step.graph_module if compile_fn is None else compile_fn(self.step)
         self.batch_size, self.num_nodes = batch_size, num_nodes
         self.tap_layers = self.step.meta["tap_layers"]
         kv = self.step.meta["kv"]

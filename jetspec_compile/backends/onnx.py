@@ -1,0 +1,161 @@
+"""Export the verify step to ONNX and run the speculative loop on onnxruntime.
+
+``export_onnx`` captures the target, runs :data:`~jetspec_compile.passes.EXPORT_PIPELINE` (the verify passes
+plus :func:`~jetspec_compile.passes.functionalize_kv_writes`) and exports the graph with
+``torch.onnx.export(..., dynamo=True)``. Inputs: ``input_ids``, ``base_position``, ``depth``, ``write_slots``,
+``tree_mask``, ``cache_valid``, ``cache_positions`` and ``k_cache_l``/``v_cache_l``; the cache length is a
+dynamic axis. Outputs: ``logits``, ``hidden`` and the step's new keys/values (the caller writes them into its
+cache). The file is written to a temporary name, checked with ``onnx.checker`` and renamed, so a failed export
+never leaves a file that looks complete. Weights go to external data when the model is over ~2 GB.
+
+:class:`OrtVerifyStep` runs such a file with onnxruntime (CPU provider here; CUDA where installed) behind the
+same call convention as the eager graph, so :class:`~jetspec_compile.runtime.TreeVerifier` drives it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import JetSpecError
+from ..passes import functionalize_kv_writes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export_onnx", "export_step_onnx", "OrtVerifyStep", "lower_onnxruntime", "onnx_op_types",
+           "TENSORRT_ONNX_OPS", "check_tensorrt_ops"]
+
+#: ONNX op types TensorRT's ONNX parser supports (onnx-tensorrt docs/operators.md, TensorRT 10), restricted to
+#: the ones transformer graphs use; an exported graph with any other op is reported before an engine build.
+TENSORRT_ONNX_OPS = frozenset("""
+Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape Cos CumSum Div Equal Erf Exp Expand
+Flatten Floor Gather GatherElements GatherND Gelu Gemm Greater GreaterOrEqual Identity If LayerNormalization Less
+LessOrEqual Log MatMul Max Mean Min Mod Mul Neg Not Or Pow Range Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin
+ReduceProd ReduceSum Relu Reshape Resize ScatterElements ScatterND Shape Sigmoid Sign Sin Slice Softmax Softplus
+Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor
+""".split())
+
+
+def _example_inputs(step, length: int) -> dict[str, torch.Tensor]:
+    b, n = step.batch_size, step.num_nodes
+    kv = step.meta["kv"]
+    device = next(step.model.parameters()).device
+    inputs = {
+        "input_ids": torch.zeros(b, n, dtype=torch.long, device=device),
+        "base_position": torch.zeros(b, dtype=torch.long, device=device),
+        "depth": torch.arange(n, device=device).expand(b, n).contiguous(),
+        "write_slots": torch.arange(n, device=device),
+        "tree_mask": torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, n, n).contiguous(),
+        "cache_valid": torch.zeros(b, length, dtype=torch.bool, device=device),
+        "cache_positions": torch.zeros(b, length, dtype=torch.long, device=device),
+    }
+    for layer in range(kv["num_layers"]):
+        for name in ("k", "v"):
+            inputs[f"{name}_cache_{layer}"] = torch.zeros(b, kv["heads"], length, kv["head_dim"], dtype=kv["dtype"],
+                                                          device=device)
+    return inputs
+
+
+def onnx_op_types(path: str | Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def check_tensorrt_ops(path: str | Path) -> set[str]:
+    """Op types in the ONNX file that TensorRT's ONNX parser does not support (empty set: all supported)."""
+    return onnx_op_types(path) - TENSORRT_ONNX_OPS
+
+
+def export_step_onnx(step, path: str | Path) -> Path:
+    """Export a step that went through the verify pipeline (functionalizing its KV writes) to ``path``."""
+    import onnx
+
+    if not step.meta.get("functional_kv"):
+        functionalize_kv_writes(step)
+        step.graph_module.recompile()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = step.num_nodes
+    inputs = _example_inputs(step, length=max(2 * n, 64))
+    length = torch.export.Dim("cache_len", min=n + 1, max=1 << 16)
+    dynamic = {k: ({2: length} if k.startswith(("k_cache", "v_cache")) else {1: length} if k.startswith("cache_")
+                   else None) for k in inputs}
+    nbytes = sum(p.numel() * p.element_size() for p in step.model.parameters())
+    kv_names = [f"{kv}_new_{i}" for i in range(step.meta["kv"]["num_layers"]) for kv in "kv"]
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
+    tmp = tmp_dir / path.name
+    try:
+        with torch.no_grad():
+            torch.onnx.export(step.graph_module, (), kwargs=inputs, f=str(tmp), dynamo=True, dynamic_shapes=dynamic,
+                              input_names=list(inputs), output_names=["logits", "hidden"] + kv_names,
+                              external_data=nbytes > 1_800_000_000, optimize=True, verbose=False)
+        onnx.checker.check_model(str(tmp))
+        meta = {"inputs": list(inputs), "outputs": ["logits", "hidden"] + kv_names,
+                "batch_size": step.batch_size, "num_nodes": n, "tap_layers": list(step.meta["tap_layers"]),
+                "kv": {**step.meta["kv"], "dtype": str(step.meta["kv"]["dtype"])}}
+        (tmp_dir / (path.name + ".json")).write_text(json.dumps(meta, indent=1))
+        for item in tmp_dir.iterdir():  # the model, its external data (if any), then the metadata last
+            os.replace(item, path.parent / item.name)
+    except Exception as err:
+        raise JetSpecError(f"ONNX export of {type(step.model).__name__} failed and nothing was written: {err}") from err
+    finally:
+        for item in tmp_dir.glob("*"):
+            item.unlink()
+        tmp_dir.rmdir()
+    return path
+
+
+def export_onnx(model, path: str | Path, *, batch_size: int = 1, num_nodes: int = 16, tap_layers=None) -> Path:
+    """Capture ``model``, rewrite it for tree verification and write the verify step to ``path`` (.onnx)."""
+    from ..runtime.verifier import build_verify_step
+
+    step, _ = build_verify_step(model, batch_size=batch_size, num_nodes=num_nodes, tap_layers=tap_layers)
+    return export_step_onnx(step, path)
+
+
+class OrtVerifyStep:
+    """An exported verify step run by onnxruntime, called like the eager graph (inputs by name).
+
+    The caches passed in are written in place with the step's new keys/values, as the eager graph does.
+    """
+
+    def __init__(self, path: str | Path, providers=None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        self.meta = json.loads(Path(str(path) + ".json").read_text())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.num_layers = self.meta["kv"]["num_layers"]
+
+    def __call__(self, **inputs):
+        feeds = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
+        logits, hidden, *new_kv = self.session.run(None, feeds)
+        slots = inputs["write_slots"]
+        for layer in range(self.num_layers):
+            for j, kv in enumerate("kv"):
+                cache = inputs[f"{kv}_cache_{layer}"]
+                cache.index_copy_(2, slots, torch.from_numpy(new_kv[2 * layer + j]).to(cache.device, cache.dtype))
+        device = inputs["input_ids"].device
+        return torch.from_numpy(logits).to(device), torch.from_numpy(hidden).to(device)
+
+
+def lower_onnxruntime(step) -> OrtVerifyStep:
+    """Export ``step`` into the cache folder (once per model/shape) and open it with onnxruntime."""
+    from ..models import cache_dir
+
+    folder = Path(tempfile.mkdtemp(prefix="onnx-", dir=_ensure(cache_dir() / "onnx")))
+    return OrtVerifyStep(export_step_onnx(step, folder / "verify.onnx"))
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
