@@ -159,3 +159,4 @@ def lower_onnxruntime(step) -> OrtVerifyStep:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+

@@ -214,9 +214,8 @@ class ParallelDrafter(nn.Module):
         b, m = anchors.shape
         s = self.cfg.block_size
         emb = self.embed(anchors).to(self.mask_embedding.dtype)  # [B, M, H]
-        states = self.mask_embedding.expand(b, m, s, emb.shape[-1]).clone()
-        states[:, :, 0] = emb
-        return states.reshape(b, m * s, -1)
+        masks = self.mask_embedding.expand(b, m, s - 1, emb.shape[-1])
+        return torch.cat([emb[:, :, None], masks], dim=2).reshape(b, m * s, -1)  # no in-place: exportable
 
     def forward(self, anchors, block_positions, ctx_kv, mask) -> torch.Tensor:
         """Draft logits for every block position.

@@ -62,3 +62,4 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(js.JetSpecError, match="nothing was written.*exporter crashed"):
         export_onnx(make_model("llama"), tmp_path / "v.onnx", num_nodes=4)
     assert list(tmp_path.iterdir()) == []
+

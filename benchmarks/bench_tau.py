@@ -1,0 +1,70 @@
+"""Mean accepted length τ of a drafter on held-out prompts, for several tree budgets and shapes.
+
+Greedy decoding of held-out HumanEval and GSM-style prompts (test split: never in the drafter's training
+data); every output is checked token-identical to HF greedy decoding. τ does not depend on timing, so this is
+reproducible on a busy machine.
+
+    python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--limit 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from tqdm.auto import tqdm
+
+import jetspec_compile as js
+from jetspec_compile.drafter import load_jetspec_drafter
+from jetspec_compile.models import load_smollm2
+from jetspec_compile.prompts import encode_chat, load_prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drafter", default="smollm2")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--sets", nargs="+", default=["humaneval", "gsm"])
+    ap.add_argument("--limit", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    prompts = {s: [encode_chat(tok, p) for p in load_prompts(s, "test", args.limit)] for s in args.sets}
+    refs = {}
+    configs = [("chain", b, 1) for b in args.budgets if b <= 9] + [("tree", b, 4) for b in args.budgets]
+    results = []
+    bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")
+    for shape, budget, width in configs:
+        drafter = load_jetspec_drafter(args.drafter, model, width=width)
+        spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024)
+        for s, items in prompts.items():
+            steps = tokens = 0
+            identical = True
+            for i, ids in enumerate(items):
+                x = torch.tensor([ids])
+                if (s, i) not in refs:
+                    refs[(s, i)] = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                                  max_new_tokens=args.max_new_tokens)
+                out = spec.generate(x, max_new_tokens=args.max_new_tokens)
+                identical &= torch.equal(out, refs[(s, i)])
+                hist = spec.last_stats["acceptance_histogram"]
+                steps += sum(hist.values())
+                tokens += sum(k * v for k, v in hist.items())
+                bar.update(1)
+            results.append({"set": s, "shape": shape, "budget": budget, "width": width, "tau": tokens / steps,
+                            "identical": identical})
+    bar.close()
+    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'tau':>6s} identical")
+    for r in results:
+        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['tau']:6.2f} {r['identical']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
