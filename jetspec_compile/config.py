@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["JetSpecConfig", "BACKENDS"]
+__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS"]
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
+#: candidates of ``budget="auto"``
+AUTO_BUDGETS = (4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -17,27 +19,41 @@ class JetSpecConfig:
     Attributes:
         backend: how the verify graph is lowered: ``"eager"`` (the rewritten FX graph run by PyTorch),
             ``"inductor"`` (torch.compile with the ``jetspec`` backend), ``"onnxruntime"``, ``"tensorrt"``.
-        budget: tree budget ``N`` — nodes verified per target forward (trees are padded to it).
+        budget: tree budget ``N`` — nodes verified per target forward (trees are padded to it); ``"auto"``
+            picks among :data:`AUTO_BUDGETS` each step by measured cost and acceptance.
+        fallback: also keep plain decoding (budget 1) as a candidate and use it while speculation does not pay.
         max_cache_len: static KV cache size; prompt + ``max_new_tokens`` + ``budget`` must fit.
         tap_layers: target layers whose hidden states feed the drafter (None: the drafter's own, else 5 spread).
         self_check: compare the rewritten graph with the eager model once when it is built.
     """
 
     backend: str = "eager"
-    budget: int = 16
+    budget: int | str = 16
     max_cache_len: int = 2048
+    fallback: bool = True
     tap_layers: tuple[int, ...] | None = None
     self_check: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
-        if not isinstance(self.budget, int) or self.budget < 1:
-            raise ValueError(f"budget must be a positive int (tree nodes per verification), got {self.budget!r}")
-        if not isinstance(self.max_cache_len, int) or self.max_cache_len <= self.budget:
-            raise ValueError(f"max_cache_len must be an int larger than budget={self.budget}, got {self.max_cache_len!r}")
+        if self.budget != "auto" and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ValueError(f"budget must be a positive int (tree nodes per verification) or 'auto', got {self.budget!r}")
+        if not isinstance(self.max_cache_len, int) or self.max_cache_len <= self.max_budget:
+            raise ValueError(f"max_cache_len must be an int larger than the budget ({self.max_budget}), "
+                             f"got {self.max_cache_len!r}")
         if self.tap_layers is not None:
             object.__setattr__(self, "tap_layers", tuple(int(i) for i in self.tap_layers))
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """Candidate budgets of the runtime's controller."""
+        base = AUTO_BUDGETS if self.budget == "auto" else (self.budget,)
+        return tuple(sorted(set(base) | ({1} if self.fallback else set())))
+
+    @property
+    def max_budget(self) -> int:
+        return max(AUTO_BUDGETS) if self.budget == "auto" else self.budget
 
     @classmethod
     def from_options(cls, **options) -> "JetSpecConfig":

@@ -16,6 +16,7 @@ import torch
 from ..drafter.protocol import DraftTree
 from ..tree import pad_tree
 from .acceptance import accept_greedy, accept_rejection, accept_sample_follow, warp_logits
+from .budget import BudgetController
 from .verifier import TreeVerifier
 
 __all__ = ["SamplingParams", "speculative_generate"]
@@ -88,11 +89,14 @@ def accept(logits: torch.Tensor, trees: list[DraftTree], params: SamplingParams)
 
 def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          *, max_new_tokens: int, params: SamplingParams, eos_token_ids: Sequence[int] = (),
-                         budget: int, emit=None) -> tuple[list[list[int]], dict]:
+                         budgets: Sequence[int], emit=None) -> tuple[list[list[int]], dict]:
     """Run the loop for a left-padded batch. Returns the new tokens of every row and statistics.
 
+    budgets: candidate tree budgets (see :class:`~jetspec_compile.runtime.budget.BudgetController`; one value
+    = a fixed budget, 1 among them = may fall back to plain decoding).
     emit: optional callback ``emit(row, tokens)`` called as tokens are produced (streaming).
     """
+    controller = BudgetController(budgets)
     start = time.perf_counter()
     batch = input_ids.shape[0]
     eos = set(int(e) for e in eos_token_ids)
@@ -133,7 +137,8 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
         if verifier.cache.room() < verifier.num_nodes:
             verifier.cache.defragment()
         t0 = time.perf_counter()
-        trees = draft(drafter, roots, budget)
+        budget = controller.choose()
+        trees = draft(drafter, roots, budget) if budget > 1 else [DraftTree.root_only(r) for r in roots]
         t1 = time.perf_counter()
         logits, hidden = verify(verifier, trees)
         decisions = accept(logits, trees, params)
@@ -142,9 +147,10 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
         verifier.commit(paths)
         accepted = [[t.tokens[i] for i in p] for t, p in zip(trees, paths)]
         drafter.advance(accepted, [hidden[r, p] for r, p in enumerate(paths)] if need_hidden else None)
+        controller.observe(budget, time.perf_counter() - t0, [p for p in paths if p])
         stats["steps"] += 1
         stats["target_forwards"] += 1
-        stats["drafter_calls"] += 1
+        stats["drafter_calls"] += budget > 1
         stats["draft_seconds"] += t1 - t0
         stats["verify_seconds"] += t2 - t1
         for r, (path, bonus) in enumerate(decisions):
@@ -154,6 +160,7 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
         stats["trace"].append((time.perf_counter() - start, sum(len(o) for o in outputs)))
         roots = [bonus for _, bonus in decisions]
     stats["defragmentations"] = verifier.cache.defragmentations
+    stats["budgets_used"] = dict(sorted(controller.used.items()))
     return outputs, _finish(stats, outputs, start)
 
 

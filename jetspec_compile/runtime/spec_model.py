@@ -63,8 +63,9 @@ class SpecModel:
             tap_layers = self.config.tap_layers or getattr(self.drafter, "tap_layers", None)
             self._verifiers[batch_size] = TreeVerifier(
                 self.model, max_cache_len=self.config.max_cache_len, batch_size=batch_size,
-                num_nodes=self.config.budget, tap_layers=tap_layers, self_check=self.config.self_check,
-                compile_fn=lower(self.config.backend))
+                num_nodes=self.config.max_budget, tap_layers=tap_layers, self_check=self.config.self_check,
+                compile_fn=lower(self.config.backend),
+                extra_budgets=[b for b in self.config.budgets if b < self.config.max_budget])
         return self._verifiers[batch_size]
 
     @torch.no_grad()
@@ -104,7 +105,7 @@ class SpecModel:
         try:
             outputs, stats = speculative_generate(
                 verifier, self.drafter, input_ids, attention_mask, max_new_tokens=max_new_tokens, params=params,
-                eos_token_ids=eos, budget=self.config.budget, emit=emit)
+                eos_token_ids=eos, budgets=self.config.budgets, emit=emit)
         finally:
             verifier.reset()  # a drafter or user error mid-generation leaves a clean verifier behind
             if streamer is not None:
@@ -138,11 +139,11 @@ class SpecModel:
         vocab = text_config(self.model).vocab_size
         if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
             raise ValueError(f"input_ids contain ids outside the vocabulary [0, {vocab})")
-        need = input_ids.shape[1] + max_new_tokens + self.config.budget
+        need = input_ids.shape[1] + max_new_tokens + self.config.max_budget
         if need > self.config.max_cache_len:
             raise ValueError(
                 f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + tree budget "
-                f"({self.config.budget}) = {need} exceeds max_cache_len={self.config.max_cache_len}; pass a larger "
+                f"({self.config.max_budget}) = {need} exceeds max_cache_len={self.config.max_cache_len}; pass a larger "
                 "max_cache_len to optimize()")
         return input_ids, attention_mask
 

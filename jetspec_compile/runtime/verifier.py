@@ -58,7 +58,8 @@ class TreeVerifier:
         model: the target model (any family the passes match).
         max_cache_len: static KV cache size ``L`` (prompt + generated tokens + one tree must fit).
         batch_size: rows per call.
-        num_nodes: tree budget ``N``; smaller trees are padded to it.
+        num_nodes: tree budget ``N``; smaller trees are padded to it (or to the smallest of ``extra_budgets``
+            that holds them: one more graph per extra budget, all sharing one KV cache).
         tap_layers: decoder layers whose hidden states ``verify`` returns (default: 5 spread layers).
         compile_fn: optional lowering ``CapturedStep -> callable`` of the rewritten graph (see
             :func:`jetspec_compile.backends.lower`); the callable takes the graph's inputs by name.
@@ -67,7 +68,7 @@ class TreeVerifier:
 
     def __init__(self, model: nn.Module, *, max_cache_len: int = 1024, batch_size: int = 1, num_nodes: int = 16,
                  tap_layers: Sequence[int] | None = None, compile_fn: Callable | None = None,
-                 self_check: bool = True, run_checks: bool = False):
+                 self_check: bool = True, run_checks: bool = False, extra_budgets: Sequence[int] = ()):
         if max_cache_len < num_nodes:
             raise ValueError(f"max_cache_len={max_cache_len} is smaller than the tree budget num_nodes={num_nodes}")
         start = time.perf_counter()
@@ -77,6 +78,12 @@ class TreeVerifier:
         self.capture_seconds = time.perf_counter() - start
         self.graph = self.step.graph_module if compile_fn is None else compile_fn(self.step)
         self.batch_size, self.num_nodes = batch_size, num_nodes
+        bad = [b for b in extra_budgets if not 1 <= b < num_nodes]
+        if bad:
+            raise ValueError(f"extra budgets {bad} must lie in [1, num_nodes={num_nodes})")
+        self.budgets = tuple(sorted(set(extra_budgets) | {num_nodes}))
+        self._graphs = {num_nodes: self.graph}
+        self._compile_fn, self._run_checks = compile_fn, run_checks
         self.tap_layers = self.step.meta["tap_layers"]
         kv = self.step.meta["kv"]
         self.device = next(model.parameters()).device
@@ -110,10 +117,22 @@ class TreeVerifier:
         self.base_position.zero_()
         self._pending = None
 
+    def budget_for(self, n: int) -> int:
+        """The graph size a tree of ``n`` nodes runs in (the smallest budget that holds it)."""
+        return next(b for b in self.budgets if b >= n)
+
+    def _graph(self, n: int):
+        if n not in self._graphs:  # captured on first use; same tap layers, same cache layout
+            step, _ = build_verify_step(self.model, batch_size=self.batch_size, num_nodes=n,
+                                        tap_layers=self.tap_layers, run_checks=self._run_checks)
+            self._graphs[n] = step.graph_module if self._compile_fn is None else self._compile_fn(step)
+        return self._graphs[n]
+
     # -- the step -----------------------------------------------------------------------------------------
     def _run(self, tokens: torch.Tensor, depth: torch.Tensor, tree_mask: torch.Tensor, start: int):
-        """One graph call writing N nodes at slots ``start .. start + N - 1``."""
-        n = self.num_nodes
+        """One graph call writing ``n = tokens.shape[1]`` nodes at slots ``start .. start + n - 1``."""
+        n = tokens.shape[1]
+        graph = self._graph(n)
         length = min(self.cache.max_length, -(-(start + n) // SLOT_BUCKET) * SLOT_BUCKET)
         valid = self.cache.valid[:, :length].clone()
         valid[:, start:] = False
@@ -131,7 +150,7 @@ class TreeVerifier:
             inputs[f"k_cache_{layer}"] = caches[2 * layer]
             inputs[f"v_cache_{layer}"] = caches[2 * layer + 1]
         with torch.no_grad():
-            logits, hidden = self.graph(**inputs)
+            logits, hidden = graph(**inputs)
         return logits, hidden  # [B, N, V], [B, N, K*H]
 
     def _check_batch(self, tensor: torch.Tensor, name: str) -> None:
@@ -209,14 +228,15 @@ class TreeVerifier:
             raise ValueError(f"tree of {n} nodes exceeds the verify budget num_nodes={self.num_nodes}")
         if self.cache.length == 0:
             raise RuntimeError("call prefill() before verify()")
-        self.cache.check_room(self.num_nodes)
+        size = self.budget_for(n)
+        self.cache.check_room(size)
         vocab = self.vocab_size
         if bool(((tokens < 0) | (tokens >= vocab)).any()):
             raise ValueError(f"token ids must lie in [0, {vocab})")
-        padded = [_tree_tensors(pad_tree(t, self.num_nodes)) for t in trees]
+        padded = [_tree_tensors(pad_tree(t, size)) for t in trees]
         depth = torch.stack([d for d, _ in padded]).to(self.device)
         tree_mask = torch.stack([m for _, m in padded]).to(self.device)
-        ids = torch.nn.functional.pad(tokens, (0, self.num_nodes - n))
+        ids = torch.nn.functional.pad(tokens, (0, size - n))
         logits, hidden = self._run(ids, depth, tree_mask, self.cache.length)
         self._pending = trees
         return logits[:, :n], hidden[:, :n]

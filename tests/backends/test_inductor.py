@@ -16,7 +16,7 @@ def greedy_matches(family, new_tokens, budget=8):
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
     inductor.STATS.update(compiles=0, tree_attention_ops=0)
     compiled = js.optimize(model, backend="inductor", budget=budget, max_cache_len=new_tokens + 64,
-                           drafter=NGramDrafter())
+                           drafter=NGramDrafter(), fallback=False)
     out = compiled.generate(ids, max_new_tokens=new_tokens)
     eager = js.optimize(model, budget=budget, max_cache_len=new_tokens + 64).generate(ids, max_new_tokens=new_tokens)
     assert torch.equal(out, expected) and torch.equal(out, eager)
@@ -24,7 +24,10 @@ def greedy_matches(family, new_tokens, budget=8):
 
 
 def test_inductor_is_lossless_and_compiles_a_bounded_number_of_times():
-    model = greedy_matches("llama", 200)
+    from torch._inductor import config
+
+    with config.patch(fx_graph_cache=False):  # a cache hit would skip the post-grad pass we count with
+        model = greedy_matches("llama", 200)
     # the cache view grows in buckets: automatic dynamic shapes keep it to a couple of compiles
     assert 1 <= inductor.STATS["compiles"] <= 3
     assert inductor.STATS["tree_attention_ops"] == model.config.num_hidden_layers

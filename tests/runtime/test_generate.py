@@ -83,7 +83,7 @@ def test_stops_on_any_of_several_eos_ids_like_hf():
 def test_long_generation_in_a_batch_defragments_the_cache():
     model = make_model("llama")
     model.generation_config.eos_token_id = None  # run the full length in both
-    spec = js.optimize(model, budget=8, max_cache_len=96, drafter=NGramDrafter())
+    spec = js.optimize(model, budget=8, max_cache_len=96, drafter=NGramDrafter(), fallback=False)
     ids, mask = left_pad(prompts(2))
     expected = hf_generate(model, ids, mask, new=70)
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=70)

@@ -1,0 +1,67 @@
+"""Choosing the tree budget each step, and falling back to plain decoding when speculation does not pay.
+
+Verifying ``b`` nodes costs ``t_b`` seconds (cheap on a GPU, far from free on a 2-core CPU) and commits ``τ_b``
+tokens on average; the controller runs the budget with the best ``τ_b / t_b``. Budget 1 is plain decoding
+(``τ_1 = 1``), so "speculation would not pay" is simply budget 1 winning.
+
+``τ_b`` for every ``b`` up to the budget actually used comes for free from each step: draft trees list their
+nodes best-first (parents before children, most likely first), so the tree a smaller budget would have drafted
+is the first ``b`` nodes of the larger one, and the path it would have accepted is the part of the accepted path
+inside those nodes. ``t_b`` is measured whenever budget ``b`` runs (exponential moving averages). Larger budgets
+are re-probed every ``probe_every`` steps so the estimates follow the text. The output is unaffected: every
+budget is lossless.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+__all__ = ["BudgetController"]
+
+
+class BudgetController:
+    """Per-generation budget choice.
+
+    Args:
+        budgets: candidate budgets (1 = plain decoding); a single budget disables adaptation.
+        decay: EMA decay of the τ and cost estimates.
+        probe_every: steps between probes of the largest budget while a smaller one is winning.
+    """
+
+    def __init__(self, budgets, decay: float = 0.8, probe_every: int = 12):
+        self.budgets = tuple(sorted(set(budgets)))
+        self.decay, self.probe_every = decay, probe_every
+        self.tau: dict[int, float | None] = {b: (1.0 if b == 1 else None) for b in self.budgets}
+        self.cost: dict[int, float | None] = {b: None for b in self.budgets}
+        self.since_probe = 0
+        self.used = Counter()
+
+    @property
+    def largest(self) -> int:
+        return self.budgets[-1]
+
+    def choose(self) -> int:
+        if len(self.budgets) == 1:
+            return self.largest
+        if self.tau[self.largest] is None:  # the largest first: it yields τ for every smaller budget
+            return self.largest
+        unknown = [b for b in self.budgets if self.cost[b] is None]
+        if unknown:
+            return unknown[0]
+        best = max(self.budgets, key=lambda b: self.tau[b] / self.cost[b])
+        if best != self.largest and self.since_probe >= self.probe_every:
+            return self.largest
+        return best
+
+    def observe(self, used: int, seconds: float, paths) -> None:
+        """Record one step: the budget used, its wall time, and each active row's accepted node path."""
+        self.used[used] += 1
+        self.since_probe = 0 if used == self.largest else self.since_probe + 1
+        self.cost[used] = seconds if self.cost[used] is None else self.decay * self.cost[used] + (1 - self.decay) * seconds
+        if not paths:
+            return
+        for b in self.budgets:
+            if b > used or b == 1:
+                continue
+            tau = sum(sum(1 for node in p if node < b) for p in paths) / len(paths)
+            self.tau[b] = tau if self.tau[b] is None else self.decay * self.tau[b] + (1 - self.decay) * tau

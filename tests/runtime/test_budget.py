@@ -1,0 +1,32 @@
+from jetspec_compile.config import JetSpecConfig
+from jetspec_compile.runtime.budget import BudgetController
+
+
+def run(controller, steps, cost, paths_for):
+    for _ in range(steps):
+        b = controller.choose()
+        controller.observe(b, cost(b), paths_for(b))
+    return controller
+
+
+def test_falls_back_to_plain_decoding_when_drafts_are_rejected():
+    c = run(BudgetController((1, 16)), 40, cost=lambda b: 0.05 + 0.01 * b, paths_for=lambda b: [[0]])
+    assert c.used[1] > c.used[16]  # only the first step and the probes speculate
+    assert c.used[16] <= 1 + 40 // c.probe_every
+
+
+def test_keeps_speculating_when_it_pays_and_picks_the_best_budget():
+    # best-first trees: acceptance grows slowly past 8 nodes while cost keeps growing
+    def paths_for(b):
+        return [[0, 1, 2, 3, 5][: (5 if b >= 8 else 3 if b >= 4 else 1)]]
+
+    c = run(BudgetController((1, 4, 8, 32)), 60, cost=lambda b: 0.05 + 0.004 * b, paths_for=paths_for)
+    assert c.used.most_common(1)[0][0] == 8
+    assert c.tau[8] > c.tau[4] > 1.0
+
+
+def test_config_budgets():
+    assert JetSpecConfig(budget=8).budgets == (1, 8)
+    assert JetSpecConfig(budget=8, fallback=False).budgets == (8,)
+    assert JetSpecConfig(budget="auto").budgets == (1, 4, 8, 16, 32)
+    assert JetSpecConfig(budget="auto").max_budget == 32
