@@ -29,7 +29,7 @@ def add_bench_arguments(ap) -> None:
                     help="prompt sets (humaneval gsm codeio) and/or .jsonl files; test split")
     ap.add_argument("--limit", type=int, default=8, help="prompts per set (plus one warm-up)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[8], help="tree budgets to run")
+    ap.add_argument("--budgets", nargs="+", default=["8"], help="tree budgets to run (ints or 'auto')")
     ap.add_argument("--width", type=int, default=4, help="candidates per depth in the draft tree")
     ap.add_argument("--no-assisted", action="store_true", help="skip HF prompt-lookup assisted generation")
     ap.add_argument("--threads", type=int, default=2)
@@ -45,7 +45,7 @@ def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]
     """Run all methods interleaved over every prompt; returns the raw per-prompt records and summaries."""
     from . import optimize
 
-    specs = {f"jetspec-b{b}": optimize(model, drafter=drafter_factory(), budget=b,
+    specs = {f"jetspec-b{b}": optimize(model, drafter=drafter_factory(), budget=b if b == "auto" else int(b),
                                        max_cache_len=2048) for b in budgets}
     methods = ["hf"] + (["hf-prompt-lookup"] if assisted else []) + list(specs)
     records = []
@@ -75,6 +75,7 @@ def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]
                 if method in specs:
                     st = specs[method].last_stats
                     rec.update(tau=st["tau"], histogram=st["acceptance_histogram"], trace=st.get("trace"),
+                               budgets_used=st.get("budgets_used"),
                                draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"])
                 records.append(rec)
                 bar.update(1)
@@ -154,9 +155,10 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = [m for m in spec_methods if m.split("-b")[1].isdigit()]
     for s in sets:
-        budgets = [int(m.split("-b")[1]) for m in spec_methods]
-        ax.plot(budgets, [summary[s][m]["speedup_median"] for m in spec_methods], marker="o", label=s)
+        budgets = [int(m.split("-b")[1]) for m in fixed]
+        ax.plot(budgets, [summary[s][m]["speedup_median"] for m in fixed], marker="o", label=s)
     ax.axhline(1.0, color="gray", ls="--", lw=1)
     ax.set_xlabel("tree budget (nodes verified per target forward)")
     ax.set_ylabel("speedup vs HF generate (median)")

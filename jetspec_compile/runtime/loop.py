@@ -1,7 +1,9 @@
 """The speculative loop: prefill → draft → verify → accept → commit, until EOS or ``max_new_tokens``.
 
 Small functions with shape comments; the only host syncs per step are the ones acceptance needs (the argmax /
-sampled tokens of the verified nodes, one transfer per step).
+sampled tokens of the verified nodes, one transfer per step). Statistics separate drafter time
+(``draft_seconds``), target-forward time (``verify_seconds``) and the rest of the loop (``host_seconds``:
+tree assembly, acceptance, KV compaction, bookkeeping).
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
 
     logits, hidden = verifier.prefill(input_ids, attention_mask)  # [B, V], [B, P, K*H]
     stats["target_forwards"] += 1
+    stats["prefill_seconds"] = time.perf_counter() - start
     real = attention_mask.bool()
     prompts = [input_ids[r][real[r]].tolist() for r in range(batch)]
     need_hidden = getattr(drafter, "needs_hidden", False)
@@ -141,8 +144,8 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
         trees = draft(drafter, roots, budget) if budget > 1 else [DraftTree.root_only(r) for r in roots]
         t1 = time.perf_counter()
         logits, hidden = verify(verifier, trees)
-        decisions = accept(logits, trees, params)
         t2 = time.perf_counter()
+        decisions = accept(logits, trees, params)
         paths = [[] if done[r] else path for r, (path, _) in enumerate(decisions)]  # finished rows keep nothing
         verifier.commit(paths)
         accepted = [[t.tokens[i] for i in p] for t, p in zip(trees, paths)]
@@ -166,6 +169,8 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
 
 def _finish(stats: dict, outputs: list[list[int]], start: float) -> dict:
     elapsed = time.perf_counter() - start
+    stats["host_seconds"] = max(0.0, elapsed - stats["draft_seconds"] - stats["verify_seconds"]
+                                - stats.pop("prefill_seconds", 0.0))
     hist = stats.pop("accepted_lengths")
     total_steps = sum(hist.values())
     new_tokens = sum(len(o) for o in outputs)

@@ -64,13 +64,17 @@ class TreeVerifier:
         compile_fn: optional lowering ``CapturedStep -> callable`` of the rewritten graph (see
             :func:`jetspec_compile.backends.lower`); the callable takes the graph's inputs by name.
         self_check: compare the rewritten graph with the eager model once at construction.
+        prefill_chunk: prompts longer than ``num_nodes`` are prefilled in chains of this many tokens (one more
+            graph, captured on first use), so a small tree budget does not mean many prefill forwards.
     """
 
     def __init__(self, model: nn.Module, *, max_cache_len: int = 1024, batch_size: int = 1, num_nodes: int = 16,
                  tap_layers: Sequence[int] | None = None, compile_fn: Callable | None = None,
-                 self_check: bool = True, run_checks: bool = False, extra_budgets: Sequence[int] = ()):
-        if max_cache_len < num_nodes:
-            raise ValueError(f"max_cache_len={max_cache_len} is smaller than the tree budget num_nodes={num_nodes}")
+                 self_check: bool = True, run_checks: bool = False, extra_budgets: Sequence[int] = (),
+                 prefill_chunk: int = 64):
+        if max_cache_len < num_nodes + 2:
+            raise ValueError(f"max_cache_len={max_cache_len} leaves no room for a prompt and a tree of "
+                             f"num_nodes={num_nodes}; use at least {num_nodes + 2}")
         start = time.perf_counter()
         self.model = model
         self.step, self.pass_results = build_verify_step(
@@ -84,6 +88,7 @@ class TreeVerifier:
         self.budgets = tuple(sorted(set(extra_budgets) | {num_nodes}))
         self._graphs = {num_nodes: self.graph}
         self._compile_fn, self._run_checks = compile_fn, run_checks
+        self.prefill_chunk = max(num_nodes, min(prefill_chunk, max_cache_len - 1))
         self.tap_layers = self.step.meta["tap_layers"]
         kv = self.step.meta["kv"]
         self.device = next(model.parameters()).device
@@ -173,7 +178,7 @@ class TreeVerifier:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._check_batch(attention_mask, "attention_mask")
-        n = self.num_nodes
+        n = self.num_nodes if p <= self.num_nodes else self.prefill_chunk  # chain chunks of n tokens
         if max(p, n) > self.cache.max_length - 1:
             raise ValueError(
                 f"prompt of {p} tokens does not fit max_cache_len={self.cache.max_length} with a tree of {n} "
@@ -276,18 +281,21 @@ class TreeVerifier:
 
     # -- construction-time check --------------------------------------------------------------------------
     def _self_check(self) -> None:
-        """Compare one chunked prefill of the rewritten graph with the eager model (catches unmodelled
-        attention semantics such as ALiBi biases instead of returning silently wrong logits)."""
+        """Compare a chunked prefill and one chain verification of the rewritten graphs with the eager model
+        (catches unmodelled attention semantics such as ALiBi biases instead of returning wrong logits)."""
         gen = torch.Generator().manual_seed(0)
-        p = min(self.num_nodes + 3, self.cache.max_length - 1)
-        ids = torch.randint(0, self.vocab_size, (self.batch_size, p), generator=gen).to(self.device)
-        logits, _ = self.prefill(ids)
-        with torch.no_grad():
-            expected = self.model(input_ids=ids, use_cache=False).logits[:, -1]
+        p = max(1, min(self.prefill_chunk + 3, self.cache.max_length - self.num_nodes - 1))  # 2 chunks
+        n = self.num_nodes
+        ids = torch.randint(0, self.vocab_size, (self.batch_size, p + n), generator=gen).to(self.device)
+        prefill_logits, _ = self.prefill(ids[:, :p])
+        chain_logits, _ = self.verify(ids[:, p:], TreeSpec.chain(n))
         self.reset()
+        with torch.no_grad():
+            expected = self.model(input_ids=ids, use_cache=False).logits[:, p - 1:]
+        actual = torch.cat([prefill_logits[:, None], chain_logits], dim=1)
         scale = expected.abs().max().clamp(min=1.0)
         tol = 1e-3 if expected.dtype == torch.float32 else 5e-2
-        err = float((logits.float() - expected.float()).abs().max() / scale)
+        err = float((actual.float() - expected.float()).abs().max() / scale)
         if not err <= tol:
             raise UnsupportedModelError(
                 f"the rewritten graph of {type(self.model).__name__} disagrees with the eager model (relative "

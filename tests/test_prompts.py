@@ -1,0 +1,28 @@
+import json
+
+import pytest
+
+from jetspec_compile.prompts import load_jsonl, load_prompts
+
+
+@pytest.mark.parametrize("name", ["humaneval", "gsm"])
+def test_train_and_test_splits_are_disjoint(name):
+    train, test = load_prompts(name, "train", 120), load_prompts(name, "test", 120)
+    assert train and test
+    assert not set(train) & set(test)
+
+
+def test_humaneval_holds_out_every_fourth_problem():
+    assert len(load_prompts("humaneval", "test")) == 41 and len(load_prompts("humaneval", "train")) == 123
+
+
+def test_bad_names_and_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        load_prompts("mmlu")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"text": "no"}) + "\n")
+    with pytest.raises(ValueError, match=":2: expected a JSON object with a 'prompt'"):
+        load_jsonl(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_jsonl(path)
