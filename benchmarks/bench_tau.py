@@ -40,7 +40,7 @@ def main() -> None:
     bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")
     for shape, budget, width in configs:
         drafter = load_jetspec_drafter(args.drafter, model, width=width)
-        spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024)
+        spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False)
         for s, items in prompts.items():
             steps = tokens = 0
             identical = True
