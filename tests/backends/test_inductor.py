@@ -20,16 +20,18 @@ def greedy_matches(family, new_tokens, budget=8):
     out = compiled.generate(ids, max_new_tokens=new_tokens)
     eager = js.optimize(model, budget=budget, max_cache_len=new_tokens + 64).generate(ids, max_new_tokens=new_tokens)
     assert torch.equal(out, expected) and torch.equal(out, eager)
-    return model
+    return model, len(compiled.verifier(1)._graphs)
 
 
 def test_inductor_is_lossless_and_compiles_a_bounded_number_of_times():
     from torch._inductor import config
 
     with config.patch(fx_graph_cache=False):  # a cache hit would skip the post-grad pass we count with
-        model = greedy_matches("llama", 200)
-    # the cache view grows in buckets: automatic dynamic shapes keep it to a couple of compiles
-    assert 1 <= inductor.STATS["compiles"] <= 3
+        model, graphs = greedy_matches("llama", 200)
+    # two graphs (prefill chunk, verify); the cache view grows in buckets and automatic dynamic shapes make
+    # its length symbolic after the first change: at most two compiles per graph over 200 tokens
+    assert graphs == 2
+    assert 1 <= inductor.STATS["compiles"] <= 2 * graphs
     assert inductor.STATS["tree_attention_ops"] == model.config.num_hidden_layers
 
 
