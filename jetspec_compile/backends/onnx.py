@@ -152,11 +152,8 @@ def lower_onnxruntime(step) -> OrtVerifyStep:
     """Export ``step`` into the cache folder (once per model/shape) and open it with onnxruntime."""
     from ..models import cache_dir
 
-    folder = Path(tempfile.mkdtemp(prefix="onnx-", dir=_ensure(cache_dir() / "onnx")))
+    root = cache_dir() / "onnx"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="onnx-", dir=root))  # one export per verifier built
     return OrtVerifyStep(export_step_onnx(step, folder / "verify.onnx"))
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
