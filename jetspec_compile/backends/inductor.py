@@ -64,5 +64,7 @@ def jetspec_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:
 
 
 def lower_inductor(step) -> Callable:
-    """Compile a rewritten verify step's graph with the ``jetspec`` backend."""
-    return torch.compile(step.graph_module, backend=jetspec_backend, fullgraph=True)
+    """Compile a rewritten verify step's graph (after the PyTorch lowering passes) with the ``jetspec`` backend."""
+    from . import lower_eager
+
+    return torch.compile(lower_eager(step), backend=jetspec_backend, fullgraph=True)

@@ -8,6 +8,7 @@ The pipeline is an explicit, ordered list. Ordering rules:
    ``write_slots`` input the cache pass adds.
 3. ``tap_hidden_states`` last: it only adds an output and must not observe intermediate rewrites.
 
+``LOWERING_PASSES`` run after the pipeline for the PyTorch backends only (eager, Inductor): ``use_native_gqa``.
 ``EXPORT_PIPELINE`` appends ``functionalize_kv_writes`` (after the taps, so its outputs follow
 ``(logits, hidden)``) for backends that cannot mutate inputs (ONNX, TensorRT).
 """
@@ -18,14 +19,18 @@ from .insert_tree_mask import attention_windows, insert_tree_mask, tree_attentio
 from .insert_tree_positions import insert_tree_positions
 from .manager import PassManager, PassResult, lint_graph
 from .tap_hidden_states import default_tap_layers, tap_hidden_states
+from .use_native_gqa import use_native_gqa
 
 #: the tree-verification pipeline, in order
 TREE_VERIFY_PIPELINE = (insert_tree_positions, insert_kv_cache, insert_tree_mask, tap_hidden_states)
+#: extra passes of the PyTorch lowerings (eager, Inductor)
+LOWERING_PASSES = (use_native_gqa,)
 #: the same, made pure for export
 EXPORT_PIPELINE = TREE_VERIFY_PIPELINE + (functionalize_kv_writes,)
 
 __all__ = [
     "EXPORT_PIPELINE",
+    "LOWERING_PASSES",
     "TREE_VERIFY_PIPELINE",
     "functionalize_kv_writes",
     "PassManager",
@@ -38,4 +43,5 @@ __all__ = [
     "lint_graph",
     "tap_hidden_states",
     "tree_attention_mask",
+    "use_native_gqa",
 ]

@@ -60,6 +60,7 @@ def insert_kv_cache(step) -> PassResult:
                     full = gm.graph.call_function(
                         aten.repeat_interleave.self_int, (full, heads // sv.shape[1], 1)
                     )
+                    full.meta["jetspec"] = "kv_repeat"
             new_kv.append(full)
             layout.append((tuple(sv.shape[1:2]) + tuple(sv.shape[3:]), sv.dtype))
         kwargs = dict(attn.kwargs)
