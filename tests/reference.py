@@ -64,3 +64,14 @@ def leaf_sequence_logits(model, prefix: list[int], tokens: list[int], tree: Tree
         logits = sequence_logits(model, prefix + [tokens[n] for n in nodes])
         result[nodes] = logits[len(prefix):]
     return result
+
+
+def left_pad(rows):
+    """Left-padded ``[B, P]`` ids and attention mask for prompts of different lengths."""
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask

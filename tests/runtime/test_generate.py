@@ -8,19 +8,12 @@ import torch
 import jetspec_compile as js
 from jetspec_compile.drafter import NGramDrafter
 from tests.drafters import OracleDrafter
+from tests.reference import left_pad
 from tests.families import FAMILIES, VOCAB, make_model
 
 NEW = 24
 
 
-def left_pad(rows):
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ import torch
 from jetspec_compile import CacheFullError, TreeSpec, TreeVerifier, UnsupportedModelError
 from jetspec_compile.tree import path_to
 from tests.families import FAMILIES, VOCAB, make_model
-from tests.reference import path_logits, random_tree, sequence_logits
+from tests.reference import left_pad, path_logits, random_tree, sequence_logits
 
 BUDGET = 64
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -21,14 +21,6 @@ def verifier(family: str, batch: int) -> TreeVerifier:
                         run_checks=True)
 
 
-def left_pad(rows: list[list[int]]):
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
