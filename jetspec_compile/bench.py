@@ -142,6 +142,16 @@ def markdown(summary: dict, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _finish_plot(plt, fig, ax, title: str, path: Path, paths: list[Path], legend: bool = True) -> None:
+    ax.set_title(title)
+    if legend:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+
 def plot(result: dict, out_dir: Path) -> list[Path]:
     """Speedup vs budget, τ per prompt set, acceptance histogram, tokens-over-time trace (PNG)."""
     import matplotlib
@@ -162,10 +172,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     ax.axhline(1.0, color="gray", ls="--", lw=1)
     ax.set_xlabel("tree budget (nodes verified per target forward)")
     ax.set_ylabel("speedup vs HF generate (median)")
-    ax.set_title("Speedup vs tree budget")
-    ax.legend()
-    paths.append(out_dir / "speedup_vs_budget.png")
-    fig.tight_layout(); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    _finish_plot(plt, fig, ax, "Speedup vs tree budget", out_dir / "speedup_vs_budget.png", paths)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(spec_methods))
@@ -173,10 +180,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         ax.bar([i + k * width for i in range(len(sets))], [summary[s][m]["tau"] for s in sets], width, label=m)
     ax.set_xticks([i + width * (len(spec_methods) - 1) / 2 for i in range(len(sets))], sets)
     ax.set_ylabel("mean accepted length τ")
-    ax.set_title("τ per prompt set")
-    ax.legend()
-    paths.append(out_dir / "tau_per_set.png")
-    fig.tight_layout(); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    _finish_plot(plt, fig, ax, "τ per prompt set", out_dir / "tau_per_set.png", paths)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     m = spec_methods[0]
@@ -187,9 +191,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     ax.bar(ks, [hist[k] for k in ks])
     ax.set_xlabel("tokens committed per target forward")
     ax.set_ylabel("steps")
-    ax.set_title(f"Acceptance-length histogram ({m})")
-    paths.append(out_dir / "acceptance_histogram.png")
-    fig.tight_layout(); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    _finish_plot(plt, fig, ax, f"Acceptance-length histogram ({m})", out_dir / "acceptance_histogram.png", paths,
+                 legend=False)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     recs = [r for r in result["records"] if not r["warmup"]]
@@ -204,10 +207,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
             ax.plot([0, r["seconds"]], [0, r["new_tokens"]], label=f"{r['method']} (average rate)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("tokens generated")
-    ax.set_title(f"Tokens over time ({first[0]} prompt {first[1]})")
-    ax.legend()
-    paths.append(out_dir / "tokens_over_time.png")
-    fig.tight_layout(); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    _finish_plot(plt, fig, ax, f"Tokens over time ({first[0]} prompt {first[1]})", out_dir / "tokens_over_time.png",
+                 paths)
     return paths
 
 
