@@ -2,9 +2,12 @@
 
 Greedy decoding of held-out HumanEval and GSM-style prompts (test split: never in the drafter's training
 data); every output is checked token-identical to HF greedy decoding. τ does not depend on timing, so this is
-reproducible on a busy machine.
+reproducible on a busy machine. Shapes: ``chain`` (width 1), ``tree`` (best-first over per-depth marginals,
+width 4) and ``path`` (the same, plus the subtrees of the best ``--path-branches`` depth-1 tokens re-drafted
+conditioned on them: one more drafter forward). The drafter's time per step is printed next to τ, because
+path conditioning is not free.
 
-    python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--limit 5]
+    python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--limit 5] [--path-branches 3]
 """
 
 from __future__ import annotations
@@ -29,20 +32,26 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--path-branches", type=int, default=3, help="depth-1 branches re-drafted (0: skip 'path')")
+    ap.add_argument("--shapes", nargs="+", default=["chain", "tree", "path"], choices=["chain", "tree", "path"])
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
     prompts = {s: [encode_chat(tok, p) for p in load_prompts(s, "test", args.limit)] for s in args.sets}
     refs = {}
-    configs = [("chain", b, 1) for b in args.budgets if b <= 9] + [("tree", b, 4) for b in args.budgets]
+    configs = [("chain", b, 1, 0) for b in args.budgets if b <= 9] + [("tree", b, 4, 0) for b in args.budgets]
+    if args.path_branches:
+        configs += [("path", b, 4, args.path_branches) for b in args.budgets]
+    configs = [c for c in configs if c[0] in args.shapes]
     results = []
     bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")
-    for shape, budget, width in configs:
-        drafter = load_jetspec_drafter(args.drafter, model, width=width)
+    for shape, budget, width, branches in configs:
+        drafter = load_jetspec_drafter(args.drafter, model, width=width, path_branches=branches)
         spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False)
         for s, items in prompts.items():
             steps = tokens = 0
+            draft_seconds = verify_seconds = 0.0
             identical = True
             for i, ids in enumerate(items):
                 x = torch.tensor([ids])
@@ -54,13 +63,18 @@ def main() -> None:
                 hist = spec.last_stats["acceptance_histogram"]
                 steps += sum(hist.values())
                 tokens += sum(k * v for k, v in hist.items())
+                draft_seconds += spec.last_stats["draft_seconds"]
+                verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
             results.append({"set": s, "shape": shape, "budget": budget, "width": width, "tau": tokens / steps,
+                            "draft_ms": 1e3 * draft_seconds / steps, "verify_ms": 1e3 * verify_seconds / steps,
                             "identical": identical})
     bar.close()
-    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'tau':>6s} identical")
+    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'tau':>6s} {'draft ms':>8s} {'verify ms':>9s} "
+          "identical")
     for r in results:
-        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['tau']:6.2f} {r['identical']}")
+        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['tau']:6.2f} {r['draft_ms']:8.1f} "
+              f"{r['verify_ms']:9.1f} {r['identical']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -56,9 +56,9 @@ def cmd_train(args) -> None:
     n_eval = max(1, len(feats) // 20)
     dcfg = DrafterConfig.for_target(model.config, taps, num_layers=args.layers, block_size=args.block_size)
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
-                       sequences_per_step=args.sequences_per_step, loss=args.loss)
+                       sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob)
     drafter = train_drafter(model, feats[n_eval:], dcfg, tcfg, out, resume=not args.restart,
-                            eval_features=feats[:n_eval])
+                            eval_features=feats[:n_eval], init_checkpoint=args.init_from)
     print(f"saved {out / 'drafter'}; held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
 
 
@@ -137,6 +137,9 @@ def main(argv=None) -> None:
     tr.add_argument("--anchors", type=int, default=16)
     tr.add_argument("--sequences-per-step", type=int, default=4)
     tr.add_argument("--loss", choices=["ce", "kl"], default="ce")
+    tr.add_argument("--reveal-prob", type=float, default=0.25,
+                    help="share of blocks trained with their first 1-2 path tokens given (path-conditioned trees)")
+    tr.add_argument("--init-from", help="continue from this drafter checkpoint folder (same config) on new data")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=2)
     tr.add_argument("--restart", action="store_true", help="ignore an existing train state in --out")

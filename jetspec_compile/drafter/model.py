@@ -209,21 +209,30 @@ class ParallelDrafter(nn.Module):
         ctx = self.fuse(hidden)
         return [layer.context_kv(ctx, positions) for layer in self.layers]
 
-    def block_states(self, anchors: torch.Tensor) -> torch.Tensor:
-        """``[anchor, MASK × D]`` embeddings for anchors ``[B, M]`` → ``[B, M * S, H]``."""
+    def block_states(self, anchors: torch.Tensor, revealed: torch.Tensor | None = None) -> torch.Tensor:
+        """``[anchor, MASK × D]`` embeddings for anchors ``[B, M]`` → ``[B, M * S, H]``.
+
+        ``revealed`` ``[B, M, S - 1]`` (optional) puts known tokens in place of MASK (``-1`` keeps MASK): a
+        block re-conditioned on a branch's own path prefix (path-conditioned trees).
+        """
         b, m = anchors.shape
         s = self.cfg.block_size
         emb = self.embed(anchors).to(self.mask_embedding.dtype)  # [B, M, H]
         masks = self.mask_embedding.expand(b, m, s - 1, emb.shape[-1])
+        if revealed is not None:
+            known = revealed >= 0
+            tokens = self.embed(revealed.clamp(min=0)).to(self.mask_embedding.dtype)
+            masks = torch.where(known[..., None], tokens, masks)
         return torch.cat([emb[:, :, None], masks], dim=2).reshape(b, m * s, -1)  # no in-place: exportable
 
-    def forward(self, anchors, block_positions, ctx_kv, mask) -> torch.Tensor:
+    def forward(self, anchors, block_positions, ctx_kv, mask, revealed=None) -> torch.Tensor:
         """Draft logits for every block position.
 
         anchors: [B, M] anchor tokens; block_positions: [B, M * S]; ctx_kv: per layer (k, v) [B, H_kv, T, D];
-        mask: additive [B or 1, 1, M * S, T + M * S]. Returns logits [B, M, S, V] (index i predicts depth i+1).
+        mask: additive [B or 1, 1, M * S, T + M * S]; revealed: optional [B, M, S - 1] known tokens at block
+        positions 1.. (``-1`` = MASK). Returns logits [B, M, S, V] (index i predicts depth i+1).
         """
-        x = self.block_states(anchors)
+        x = self.block_states(anchors, revealed)
         for layer, (k, v) in zip(self.layers, ctx_kv):
             x = layer(x, block_positions, k, v, mask)
         logits = self.lm_head(self.norm(x).to(self.lm_head.weight.dtype))

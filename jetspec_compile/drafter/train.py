@@ -62,12 +62,18 @@ class TrainConfig:
     max_sequence_length: int = 512
     seed: int = 0
     checkpoint_every: int = 200
+    #: share of blocks whose first 1..max_reveal MASK slots hold the true tokens (teaches path-conditioned drafting)
+    reveal_prob: float = 0.0
+    max_reveal: int = 2
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "kl"):
             raise ValueError(f"loss must be 'ce' or 'kl', got {self.loss!r}")
         if self.epochs < 1 or self.anchors_per_sequence < 1 or self.sequences_per_step < 1:
             raise ValueError("epochs, anchors_per_sequence and sequences_per_step must be >= 1")
+        if not 0.0 <= self.reveal_prob <= 1.0 or self.max_reveal < 1:
+            raise ValueError(f"reveal_prob must lie in [0, 1] and max_reveal be >= 1, got {self.reveal_prob}, "
+                             f"{self.max_reveal}")
 
 
 @torch.no_grad()
@@ -144,10 +150,16 @@ def _example_loss(drafter: ParallelDrafter, ids, hidden, prompt_len, cfg: TrainC
     m = anchors.shape[0]
     positions = (anchors[:, None] + torch.arange(s)[None]).reshape(1, -1)
     ctx_kv = drafter.context_kv(hidden[None].float(), torch.arange(length)[None])
-    logits = drafter(ids[anchors][None], positions, ctx_kv, block_mask(anchors, length, s))[0]  # [M, S, V]
     label_pos = anchors[:, None] + torch.arange(1, s + 1)[None]  # [M, S]: depth i+1 at index i
     valid = label_pos < length
     labels = ids[label_pos.clamp(max=length - 1)]
+    revealed = None
+    if cfg.reveal_prob > 0:  # block positions 1..r hold the true path (the output before each is still trained)
+        r = torch.tensor([rng.randint(1, min(cfg.max_reveal, s - 1)) if rng.random() < cfg.reveal_prob else 0
+                          for _ in range(m)])
+        keep = (torch.arange(s - 1)[None] < r[:, None]) & valid[:, :-1]
+        revealed = torch.where(keep, labels[:, :-1], -1)[None]
+    logits = drafter(ids[anchors][None], positions, ctx_kv, block_mask(anchors, length, s), revealed)[0]  # [M, S, V]
     weights = torch.exp(-(torch.arange(s, dtype=torch.float32)) / cfg.gamma)[None].expand(m, -1)
     if cfg.loss == "ce":
         per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
@@ -171,12 +183,13 @@ def _lr(step: int, total: int, cfg: TrainConfig) -> float:
 
 def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig, out_dir: str | Path, *,
                   resume: bool = True, progress: bool = True, eval_features=None,
-                  warm_start: bool = True) -> ParallelDrafter:
+                  warm_start: bool = True, init_checkpoint: str | Path | None = None) -> ParallelDrafter:
     """Train a drafter on ``features`` (from :func:`compute_features`); save it to ``out_dir``.
 
     ``out_dir/train_state.pt`` holds the optimizer and step for ``resume``; the drafter itself is saved with
     :func:`~jetspec_compile.drafter.checkpoint.save_drafter` at every checkpoint and at the end.
-    ``warm_start`` initialises the drafter from the target's layers after the last tap (:func:`init_from_target`).
+    ``warm_start`` initialises the drafter from the target's layers after the last tap (:func:`init_from_target`);
+    ``init_checkpoint`` instead continues from a saved drafter (fine-tuning on more data).
     """
     usable = [f for f in features if f[0].shape[0] - max(f[2] - 1, 0) >= 2]
     if len(usable) < 2:
@@ -185,7 +198,15 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     drafter = ParallelDrafter(drafter_cfg, target.get_input_embeddings(), target.get_output_embeddings())
-    if warm_start:
+    if init_checkpoint is not None:
+        from .checkpoint import load_drafter
+        start = load_drafter(init_checkpoint, target)
+        if dataclasses.replace(start.cfg, target_name=drafter_cfg.target_name) != drafter_cfg:
+            raise ValueError(f"{init_checkpoint} has config {start.cfg}, this run asks for {drafter_cfg}; "
+                             "continue with the same layers, block size and taps, or train from scratch")
+        drafter.load_state_dict(start.state_dict())
+        logger.info("initialised from %s", init_checkpoint)
+    elif warm_start:
         logger.info("warm start copied %d tensors from the target", len(init_from_target(drafter, target)))
     for p in target.parameters():
         p.requires_grad_(False)

@@ -1,5 +1,6 @@
 """The parallel drafter inside the runtime: lossless whatever it proposes, fed by the verify graph's taps."""
 
+import pytest
 import torch
 
 import jetspec_compile as js
@@ -60,3 +61,21 @@ def test_training_features_equal_runtime_taps():
     _, expected = v.prefill(torch.tensor([ids]))
     assert prompt_len == 10 and feat_ids.tolist() == ids
     torch.testing.assert_close(hidden.float(), expected[0], atol=1e-2, rtol=1e-2)  # stored in fp16
+
+
+def test_path_conditioned_drafting_is_lossless_and_reshapes_the_tree():
+    target, net = build("llama")
+    ids = torch.randint(3, VOCAB, (1, 10))
+    expected = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=25, do_sample=False)
+    trees = {}
+    hidden = torch.randn(10, 2 * target.config.hidden_size)
+    for branches in (0, 2):
+        drafter = JetSpecDrafter(net, width=3, path_branches=branches)
+        spec = js.optimize(target, drafter=drafter, budget=12, max_cache_len=128, fallback=False)
+        assert torch.equal(spec.generate(ids, max_new_tokens=25), expected)
+        drafter.begin([ids[0].tolist()], [hidden])
+        trees[branches] = drafter.draft([5], 12)[0]
+    assert trees[0].tokens[:2] == trees[2].tokens[:2]  # same root and best depth-1 token
+    assert trees[0].tokens != trees[2].tokens  # deeper nodes follow their own branch
+    with pytest.raises(ValueError, match="path_branches"):
+        JetSpecDrafter(net, path_branches=-1)

@@ -54,3 +54,25 @@ def test_config_validation():
         DrafterConfig(64, VOCAB, (0,), 3, num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="block_size"):
         DrafterConfig(64, VOCAB, (0,), 3, block_size=0)
+
+
+def test_revealed_tokens_condition_only_later_block_positions():
+    target, drafter = tiny_drafter(block=5)
+    drafter.eval()
+    hidden = torch.randn(10, 2 * target.config.hidden_size)
+    runtime = JetSpecDrafter(drafter)
+    runtime.begin([[1] * 10], [hidden])
+    plain = runtime._block_logprobs(0, 7, [None])
+    given = runtime._block_logprobs(0, 7, [None, 11, 12])  # three blocks in one forward
+    torch.testing.assert_close(given[0], plain[0])  # an all-MASK block is unchanged by its neighbours
+    torch.testing.assert_close(given[1, 0], plain[0, 0])  # depth 1 does not see the revealed depth-1 token
+    assert not torch.allclose(given[1, 1:], plain[0, 1:])  # later depths do
+    assert not torch.allclose(given[1, 1:], given[2, 1:])
+    # revealing through the batched block equals spelling the path out as a teacher-forced block
+    s = drafter.cfg.block_size
+    revealed = torch.tensor([[[11, -1, -1, -1]]])
+    with torch.no_grad():
+        ctx = drafter.context_kv(hidden[None], torch.arange(10)[None])
+        direct = drafter(torch.tensor([[7]]), torch.arange(10, 10 + s)[None], ctx,
+                         block_mask(torch.tensor([10]), 10, s), revealed)[0, 0].log_softmax(-1)
+    torch.testing.assert_close(direct, given[1])

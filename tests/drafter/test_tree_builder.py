@@ -39,3 +39,42 @@ def test_width_one_is_a_chain_of_argmaxes():
     tokens, tree = best_first_tree(0, logprobs, 10, 1)
     assert tree.parents == (-1, 0, 1, 2, 3, 4)
     assert list(tokens[1:]) == logprobs.argmax(-1).tolist()
+
+
+def test_branches_equal_to_the_marginals_change_nothing():
+    g = torch.Generator().manual_seed(3)
+    logprobs = torch.randn(4, 30, generator=g).log_softmax(-1)
+    same = {r: logprobs[1:] for r in range(3)}
+    assert best_first_tree(5, logprobs, 16, 3, same) == best_first_tree(5, logprobs, 16, 3)
+
+
+def test_path_conditioned_subtrees_draw_from_their_own_branch():
+    g = torch.Generator().manual_seed(4)
+    logprobs = torch.randn(4, 30, generator=g).log_softmax(-1)
+    branch = torch.randn(3, 30, generator=g).log_softmax(-1)  # depths 2..4 given the best depth-1 token
+    tokens, tree = best_first_tree(5, logprobs, 25, 3, {0: branch})
+    dep = depths(tree)
+    first = logprobs[0].argmax().item()
+    for node in range(1, len(tree)):
+        path = path_to(tree, node)
+        table = branch[dep[node] - 2] if dep[node] > 1 and tokens[path[1]] == first else logprobs[dep[node] - 1]
+        assert tokens[node] in table.topk(3).indices.tolist()
+    # the best-first property holds with the mixed tables: every node outscores every absent candidate child
+    scores = {}
+    for node in range(1, len(tree)):
+        path = path_to(tree, node)
+        tables = [logprobs[0]] + [branch[d - 1] if tokens[path[1]] == first else logprobs[d] for d in range(1, 4)]
+        scores[node] = sum(float(tables[dep[n] - 1][tokens[n]]) for n in path[1:])
+    assert any(dep[n] > 1 and tokens[path_to(tree, n)[1]] == first for n in range(1, len(tree)))
+    worst_kept = min(scores.values())
+    kept_children = {(tree.parents[n], tokens[n]) for n in range(1, len(tree))}
+    for node in [0] + list(range(1, len(tree))):
+        d = dep[node] if node else 0
+        if d >= 4:
+            continue
+        path = path_to(tree, node) if node else [0]
+        table = logprobs[0] if d == 0 else (branch[d - 1] if tokens[path[1]] == first else logprobs[d])
+        base = scores.get(node, 0.0)
+        for tok in table.topk(3).indices.tolist():
+            if (node, tok) not in kept_children:
+                assert base + float(table[tok]) <= worst_kept + 1e-6

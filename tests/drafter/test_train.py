@@ -1,0 +1,100 @@
+"""Drafter training: it learns, it is deterministic, it resumes, it refuses bad input."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from jetspec_compile.drafter import DrafterConfig, load_drafter
+from jetspec_compile.drafter.train import TrainConfig, compute_features, evaluate, train_drafter
+from tests.families import VOCAB, make_model
+
+TAPS = (0, 2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny Llama and greedy self-distilled sequences: the drafter must learn the target's own continuations."""
+    torch.manual_seed(0)
+    target = make_model("llama")
+    records = []
+    for i in range(24):
+        prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(i))
+        out = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
+        records.append({"prompt_ids": prompt[0].tolist(), "response_ids": out[0, 6:].tolist()})
+    feats = compute_features(target, records, TAPS, progress=False)
+    cfg = DrafterConfig.for_target(target.config, TAPS, num_layers=1, block_size=4)
+    return target, feats, cfg
+
+
+def small(**kw):
+    return TrainConfig(**{"epochs": 4, "lr": 3e-3, "anchors_per_sequence": 8, "sequences_per_step": 4,
+                          "checkpoint_every": 1000, **kw})
+
+
+def test_training_beats_the_untrained_drafter_on_held_out_sequences(setup, tmp_path):
+    target, feats, cfg = setup
+    before = evaluate(train_drafter(target, feats[4:], cfg, small(epochs=1, lr=0.0), tmp_path / "zero",
+                                    progress=False), feats[:4])
+    after = evaluate(train_drafter(target, feats[4:], cfg, small(), tmp_path / "a", progress=False), feats[:4])
+    assert after[0] > before[0] + 0.1 and sum(after) > sum(before)
+    assert (tmp_path / "a" / "drafter" / "config.json").exists()
+
+
+def test_same_seed_same_weights_and_resume_equals_one_run(setup, tmp_path):
+    target, feats, cfg = setup
+    one = train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "one", progress=False)
+    two = train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "two", progress=False)
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # a run killed after step 7 (last checkpoint at step 6) and resumed ends with the same weights
+    import jetspec_compile.drafter.train as train_mod
+
+    calls = {"n": 0}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def dying_clip(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", dying_clip)
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "three", progress=False)
+    monkey.undo()
+    assert torch.load(tmp_path / "three" / "train_state.pt", weights_only=False)["step"] == 6
+    resumed = train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "three", progress=False)
+    for (name, a), b in zip(one.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match="other settings"):
+        train_drafter(target, feats, cfg, small(checkpoint_every=3, lr=1e-3), tmp_path / "three", progress=False)
+
+
+def test_reveal_training_and_continuing_from_a_checkpoint(setup, tmp_path):
+    target, feats, cfg = setup
+    first = train_drafter(target, feats, cfg, small(reveal_prob=0.5), tmp_path / "r", progress=False)
+    more = train_drafter(target, feats, cfg, small(epochs=1, lr=0.0), tmp_path / "r2", progress=False,
+                         init_checkpoint=tmp_path / "r" / "drafter")
+    saved = load_drafter(tmp_path / "r" / "drafter", target)
+    for a, b in zip(saved.state_dict().values(), more.state_dict().values()):
+        torch.testing.assert_close(a, b)  # lr 0: continuing keeps the checkpoint's weights
+    assert first is not None
+    other = dataclasses.replace(cfg, num_layers=2)
+    with pytest.raises(ValueError, match="continue with the same"):
+        train_drafter(target, feats, other, small(), tmp_path / "r3", progress=False,
+                      init_checkpoint=tmp_path / "r" / "drafter")
+
+
+def test_bad_training_input_is_refused(setup, tmp_path):
+    target, feats, cfg = setup
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        train_drafter(target, feats[:1], cfg, small(), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x" / "drafter").exists()
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="mse")
+    with pytest.raises(ValueError, match="reveal_prob"):
+        TrainConfig(reveal_prob=1.5)
+    with pytest.raises(TypeError):
+        TrainConfig(learning_rate=1.0)
