@@ -11,7 +11,9 @@ Prompts are returned as chat messages; :func:`encode_chat` applies the model's c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 __all__ = ["PROMPT_SETS", "load_prompts", "load_jsonl", "encode_chat"]
@@ -35,10 +37,13 @@ def _reasoning_gym(name: str, split: str, size: int) -> list[str]:
         import reasoning_gym
     except ImportError as err:
         raise ImportError(f"the {name} prompt set needs the package reasoning-gym (pip install reasoning-gym)") from err
-    questions = [x["question"] for x in reasoning_gym.create_dataset(name, size=size, seed=_SEEDS[split])]
-    if split == "train":
-        test = {x["question"] for x in reasoning_gym.create_dataset(name, size=size, seed=_SEEDS["test"])}
-        questions = [q for q in questions if q not in test]
+    # some generators (codeio) run sample programs that write files into the working directory: keep them out
+    # of the user's folder
+    with tempfile.TemporaryDirectory(prefix="jetspec-prompts-") as tmp, contextlib.chdir(tmp):
+        questions = [x["question"] for x in reasoning_gym.create_dataset(name, size=size, seed=_SEEDS[split])]
+        if split == "train":
+            test = {x["question"] for x in reasoning_gym.create_dataset(name, size=size, seed=_SEEDS["test"])}
+            questions = [q for q in questions if q not in test]
     return questions
 
 

@@ -26,3 +26,9 @@ def test_bad_names_and_files(tmp_path):
     path.write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         load_jsonl(path)
+
+
+def test_loading_prompts_writes_nothing_into_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    load_prompts("codeio", "test", 40)
+    assert list(tmp_path.iterdir()) == []
