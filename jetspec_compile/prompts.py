@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,9 +38,10 @@ def _reasoning_gym(name: str, split: str, size: int) -> list[str]:
         import reasoning_gym
     except ImportError as err:
         raise ImportError(f"the {name} prompt set needs the package reasoning-gym (pip install reasoning-gym)") from err
-    # some generators (codeio) run sample programs that write files into the working directory: keep them out
-    # of the user's folder
-    with tempfile.TemporaryDirectory(prefix="jetspec-prompts-") as tmp, contextlib.chdir(tmp):
+    # some generators (codeio) run sample programs that write files into the working directory and print to
+    # stdout: keep both out of the user's folder and terminal
+    with (tempfile.TemporaryDirectory(prefix="jetspec-prompts-") as tmp, contextlib.chdir(tmp),
+          open(os.devnull, "w") as null, contextlib.redirect_stdout(null)):
         questions = [x["question"] for x in reasoning_gym.create_dataset(name, size=size, seed=_SEEDS[split])]
         if split == "train":
             test = {x["question"] for x in reasoning_gym.create_dataset(name, size=size, seed=_SEEDS["test"])}

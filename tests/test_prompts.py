@@ -30,5 +30,5 @@ def test_bad_names_and_files(tmp_path):
 
 def test_loading_prompts_writes_nothing_into_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    load_prompts("codeio", "test", 40)
+    load_prompts("codeio", "train", 200)  # this draw runs sample programs that write temp_parameters.txt
     assert list(tmp_path.iterdir()) == []
