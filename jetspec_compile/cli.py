@@ -96,6 +96,13 @@ def cmd_export(args) -> None:
     model, _ = load_target(args.model)
     taps = _drafter(args, model).tap_layers if args.drafter else None
     out = Path(args.out)
+    if args.command == "export-aoti":
+        from . import optimize
+        spec = optimize(model, drafter=_drafter(args, model), backend="aoti", artifact_dir=str(out),
+                        budget=args.budget, max_cache_len=args.max_cache_len)
+        sizes = spec.verifier(1).prepare()
+        print(f"compiled verify graphs of {sizes} nodes into {out}")
+        return
     if args.command == "export-onnx":
         path = export_onnx(model, out / "verify.onnx", num_nodes=args.budget, tap_layers=taps)
         missing = check_tensorrt_ops(path)
@@ -157,6 +164,8 @@ def main(argv=None) -> None:
     ck.set_defaults(func=cmd_check)
 
     for name, helptext in (("export-onnx", "export the tree-verify step to ONNX"),
+                           ("export-aoti", "compile the verify graphs into AOTInductor .pt2 packages (load with "
+                                           "optimize(..., backend='aoti', artifact_dir=OUT))"),
                            ("export-trt", "export ONNX and build a TensorRT engine (needs tensorrt + GPU)")):
         ex = sub.add_parser(name, help=helptext)
         ex.add_argument("--model", default="smollm2")

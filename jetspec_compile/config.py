@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 __all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS"]
 
-BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "inductor", "aoti", "onnxruntime", "tensorrt")
 #: candidates of ``budget="auto"``
 AUTO_BUDGETS = (4, 8, 16, 32)
 
@@ -18,13 +18,16 @@ class JetSpecConfig:
 
     Attributes:
         backend: how the verify graph is lowered: ``"eager"`` (the rewritten FX graph run by PyTorch),
-            ``"inductor"`` (torch.compile with the ``jetspec`` backend), ``"onnxruntime"``, ``"tensorrt"``.
+            ``"inductor"`` (torch.compile with the ``jetspec`` backend), ``"aoti"`` (AOTInductor ``.pt2``
+            packages compiled once and reloaded), ``"onnxruntime"``, ``"tensorrt"``.
         budget: tree budget ``N`` — nodes verified per target forward (trees are padded to it); ``"auto"``
             picks among :data:`AUTO_BUDGETS` each step by measured cost and acceptance.
         fallback: also keep plain decoding (budget 1) as a candidate and use it while speculation does not pay.
         max_cache_len: static KV cache size; prompt + ``max_new_tokens`` + ``budget`` must fit.
         tap_layers: target layers whose hidden states feed the drafter (None: the drafter's own, else 5 spread).
         self_check: compare the rewritten graph with the eager model once when it is built.
+        artifact_dir: folder of compiled ``.pt2`` packages for ``backend="aoti"`` (default: the cache folder);
+            ship it with a deployment so start-up loads instead of compiling.
     """
 
     backend: str = "eager"
@@ -33,6 +36,7 @@ class JetSpecConfig:
     fallback: bool = True
     tap_layers: tuple[int, ...] | None = None
     self_check: bool = True
+    artifact_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -4,6 +4,8 @@
 
 * ``eager``: the rewritten FX graph (plus the PyTorch lowering passes), run op by op by PyTorch.
 * ``inductor``: ``torch.compile`` with the ``jetspec`` backend (Inductor: C++ on CPU, Triton on GPU).
+* ``aoti``: the verify step compiled ahead of time by AOTInductor into a ``.pt2`` package, saved and reloaded
+  without compiling (``artifact_dir``).
 * ``onnxruntime``: the verify step exported to ONNX, run by onnxruntime.
 * ``tensorrt``: a TensorRT engine built from that ONNX file (needs ``tensorrt`` and a GPU).
 """
@@ -12,7 +14,23 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["lower", "lower_eager"]
+import functools
+
+__all__ = ["lower", "lower_eager", "write_new_kv"]
+
+
+def write_new_kv(inputs: dict, new_kv, num_layers: int) -> None:
+    """Write an exported step's new keys/values (``k_new_0, v_new_0, ...``) into the caches it was given, at
+    ``write_slots``: what the eager graph's in-place writes do."""
+    import torch
+
+    slots = inputs["write_slots"]
+    for layer in range(num_layers):
+        for j, kv in enumerate("kv"):
+            cache = inputs[f"{kv}_cache_{layer}"]
+            new = new_kv[2 * layer + j]
+            new = torch.from_numpy(new) if not isinstance(new, torch.Tensor) else new
+            cache.index_copy_(2, slots, new.to(cache.device, cache.dtype))
 
 
 def lower_eager(step):
@@ -23,16 +41,20 @@ def lower_eager(step):
     return step.graph_module
 
 
-def lower(name: str) -> Callable | None:
+def lower(name: str, artifact_dir=None) -> Callable | None:
+    """The lowering function of backend ``name``; ``artifact_dir`` is where ``aoti`` keeps its packages."""
     if name == "eager":
         return lower_eager
     if name == "inductor":
         from .inductor import lower_inductor
         return lower_inductor
+    if name == "aoti":
+        from .aoti import lower_aoti
+        return functools.partial(lower_aoti, artifact_dir=artifact_dir)
     if name == "onnxruntime":
         from .onnx import lower_onnxruntime
         return lower_onnxruntime
     if name == "tensorrt":
         from .tensorrt import lower_tensorrt
         return lower_tensorrt
-    raise ValueError(f"unknown backend {name!r}; available: 'eager', 'inductor', 'onnxruntime', 'tensorrt'")
+    raise ValueError(f"unknown backend {name!r}; available: 'eager', 'inductor', 'aoti', 'onnxruntime', 'tensorrt'")

@@ -133,6 +133,14 @@ class TreeVerifier:
             self._graphs[n] = step.graph_module if self._compile_fn is None else self._compile_fn(step)
         return self._graphs[n]
 
+    def prepare(self) -> list[int]:
+        """Capture and lower every graph now (each budget and the prefill chunk) instead of on first use;
+        returns their sizes. Ahead-of-time backends save them here."""
+        sizes = sorted(set(self.budgets) | {self.prefill_chunk})
+        for n in sizes:
+            self._graph(n)
+        return sizes
+
     # -- the step -----------------------------------------------------------------------------------------
     def _run(self, tokens: torch.Tensor, depth: torch.Tensor, tree_mask: torch.Tensor, start: int):
         """One graph call writing ``n = tokens.shape[1]`` nodes at slots ``start .. start + n - 1``."""

@@ -115,3 +115,17 @@ def test_non_causal_model_is_refused():
                                       intermediate_size=64))
     with pytest.raises(UnsupportedModelError, match="not a causal language model"):
         TreeVerifier(bert, max_cache_len=32, num_nodes=4)
+
+
+def test_prepare_lowers_every_graph_up_front():
+    lowered = []
+
+    def spy(step):
+        lowered.append(step.num_nodes)
+        return step.graph_module
+
+    v = TreeVerifier(make_model("llama"), max_cache_len=128, num_nodes=8, extra_budgets=(1, 4), compile_fn=spy,
+                     self_check=False, prefill_chunk=32)
+    assert lowered == [8]
+    assert v.prepare() == [1, 4, 8, 32]
+    assert sorted(lowered) == [1, 4, 8, 32] and sorted(v._graphs) == [1, 4, 8, 32]

@@ -1,0 +1,139 @@
+"""AOTInductor: the verify step compiled ahead of time into a ``.pt2`` package that loads without compiling.
+
+``export_step_aoti`` makes the rewritten verify graph pure (:func:`~jetspec_compile.passes.functionalize_kv_writes`,
+as for ONNX), exports it with ``torch.export`` (the cache length is a dynamic dimension) and compiles it with
+``torch._inductor.aoti_compile_and_package``: C++/OpenMP on CPU, Triton on GPU, weights embedded. The package is
+written under a temporary name and renamed, with a JSON file beside it recording the model fingerprint (config,
+weights, tap layers, shapes, torch version) so a stale or foreign package is recompiled, never run.
+
+``optimize(model, backend="aoti", artifact_dir="compiled/")`` compiles each verify graph the first time and
+saves it there; later processes (a deployment) load the packages in milliseconds instead of compiling for
+minutes. The capture and passes (a few seconds) still run at start-up: they provide the cache layout and the
+self-check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import JetSpecError
+from ..passes import functionalize_kv_writes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export_step_aoti", "AotiVerifyStep", "lower_aoti", "model_fingerprint", "STATS"]
+
+#: counters tests read: packages compiled and packages loaded from disk
+STATS = {"compiled": 0, "loaded": 0}
+
+
+def model_fingerprint(model) -> str:
+    """Hash of the model's config and weights (shapes, dtypes, per-tensor sums and a few values)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(repr(float(flat.double().sum())).encode())
+            h.update(flat[:: max(1, flat.numel() // 64)][:64].double().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _step_key(step, fingerprint: str) -> dict:
+    kv = step.meta["kv"]
+    return {"model": fingerprint, "batch_size": step.batch_size, "num_nodes": step.num_nodes,
+            "tap_layers": list(step.meta["tap_layers"]), "kv": {**kv, "dtype": str(kv["dtype"])},
+            "torch": torch.__version__, "device": str(next(step.model.parameters()).device)}
+
+
+def _ordered_inputs(step, length: int) -> dict[str, torch.Tensor]:
+    """Example inputs in the graph's placeholder order (torch.export binds a GraphModule's kwargs by position)."""
+    from .onnx import _example_inputs
+
+    example = _example_inputs(step, length)
+    return {name: example[name] for name in inspect.signature(step.graph_module.forward).parameters}
+
+
+def export_step_aoti(step, path: str | Path, *, fingerprint: str | None = None) -> Path:
+    """Compile a step that went through the verify pipeline into the AOTInductor package ``path`` (.pt2)."""
+    if not step.meta.get("functional_kv"):
+        functionalize_kv_writes(step)
+        step.graph_module.recompile()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = step.num_nodes
+    inputs = _ordered_inputs(step, max(2 * n, 64))
+    length = torch.export.Dim("cache_len", min=n + 1, max=1 << 16)
+    dynamic = {k: ({2: length} if k.startswith(("k_cache", "v_cache")) else {1: length} if k.startswith("cache_")
+                   else None) for k in inputs}
+    meta = {**_step_key(step, fingerprint or model_fingerprint(step.model)), "inputs": list(inputs),
+            "num_layers": step.meta["kv"]["num_layers"]}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(step.graph_module, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
+            torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+        os.replace(tmp, path)
+        Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))  # last: marks the package complete
+    except Exception as err:
+        raise JetSpecError(f"AOTInductor compile of {type(step.model).__name__} failed and nothing was written: "
+                           f"{err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    STATS["compiled"] += 1
+    return path
+
+
+class AotiVerifyStep:
+    """A compiled ``.pt2`` verify step, called like the eager graph (inputs by name, caches written in place)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        meta_path = Path(str(path) + ".json")
+        if not path.exists() or not meta_path.exists():
+            raise FileNotFoundError(f"{path} is not a complete AOTInductor package (needs {path.name} and "
+                                    f"{meta_path.name}); compile it with optimize(..., backend='aoti')")
+        self.meta = json.loads(meta_path.read_text())
+        self.path = path
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        STATS["loaded"] += 1
+
+    def __call__(self, **inputs):
+        from . import write_new_kv
+
+        # the package was compiled for contiguous inputs and does not check strides: the runtime's cache views
+        # (slices of one [2L, B, H, max_len, D] buffer) are copied first (the new K/V go back into the originals)
+        ordered = {name: inputs[name].contiguous() for name in self.meta["inputs"]}
+        logits, hidden, *new_kv = self.runner(**ordered)
+        write_new_kv(inputs, new_kv, self.meta["num_layers"])
+        return logits, hidden
+
+
+def lower_aoti(step, artifact_dir: str | Path | None = None) -> AotiVerifyStep:
+    """Load the step's package from ``artifact_dir`` (default: the cache folder) or compile and save it there."""
+    from ..models import cache_dir
+
+    folder = Path(artifact_dir) if artifact_dir is not None else cache_dir() / "aoti"
+    key = _step_key(step, model_fingerprint(step.model))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = folder / f"verify_b{step.batch_size}_n{step.num_nodes}_{digest}.pt2"
+    meta_path = Path(str(path) + ".json")
+    if path.exists() and meta_path.exists():
+        saved = json.loads(meta_path.read_text())
+        if all(saved.get(k) == v for k, v in key.items()):
+            logger.info("loading compiled verify step %s", path)
+            return AotiVerifyStep(path)
+        logger.warning("%s was compiled for another model or torch version; recompiling", path)
+    logger.info("compiling the verify step (N=%d) with AOTInductor into %s", step.num_nodes, path)
+    export_step_aoti(step, path, fingerprint=key["model"])
+    return AotiVerifyStep(path)
