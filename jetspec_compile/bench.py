@@ -31,6 +31,11 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--budgets", nargs="+", default=["8"], help="tree budgets to run (ints or 'auto')")
     ap.add_argument("--width", type=int, default=4, help="candidates per depth in the draft tree")
+    ap.add_argument("--path-branches", type=int, default=0,
+                    help="depth-1 branches whose subtrees are re-drafted conditioned on them (0: off)")
+    ap.add_argument("--backends", nargs="+", default=["eager"],
+                    help="lowering backends to run (eager inductor aoti onnxruntime); compile time is excluded "
+                         "by the warm-up prompt and reported separately")
     ap.add_argument("--no-assisted", action="store_true", help="skip HF prompt-lookup assisted generation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and plots")
@@ -41,12 +46,16 @@ def _rss_mb() -> float:
 
 
 def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]]], *, budgets=(8,),
-              max_new_tokens=128, assisted=True, progress=True) -> dict:
+              max_new_tokens=128, assisted=True, progress=True, backends=("eager",)) -> dict:
     """Run all methods interleaved over every prompt; returns the raw per-prompt records and summaries."""
     from . import optimize
 
-    specs = {f"jetspec-b{b}": optimize(model, drafter=drafter_factory(), budget=b if b == "auto" else int(b),
-                                       max_cache_len=2048) for b in budgets}
+    specs = {}
+    for backend in backends:
+        for b in budgets:
+            name = f"jetspec-b{b}" if backend == "eager" else f"jetspec-{backend}-b{b}"
+            specs[name] = optimize(model, drafter=drafter_factory(), budget=b if b == "auto" else int(b),
+                                   max_cache_len=2048, backend=backend)
     methods = ["hf"] + (["hf-prompt-lookup"] if assisted else []) + list(specs)
     records = []
     total = sum(len(p) for p in prompt_sets.values()) * len(methods)
@@ -165,10 +174,14 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    fixed = [m for m in spec_methods if m.split("-b")[1].isdigit()]
+    fixed = [m for m in spec_methods if m.rsplit("-b", 1)[1].isdigit()]
+    backends = sorted({m.rsplit("-b", 1)[0] for m in fixed})  # "jetspec" (eager), "jetspec-inductor", ...
     for s in sets:
-        budgets = [int(m.split("-b")[1]) for m in fixed]
-        ax.plot(budgets, [summary[s][m]["speedup_median"] for m in fixed], marker="o", label=s)
+        for backend in backends:
+            ms = [m for m in fixed if m.rsplit("-b", 1)[0] == backend]
+            label = s if len(backends) == 1 else f"{s} ({backend.removeprefix('jetspec').lstrip('-') or 'eager'})"
+            ax.plot([int(m.rsplit("-b", 1)[1]) for m in ms], [summary[s][m]["speedup_median"] for m in ms],
+                    marker="o", label=label)
     ax.axhline(1.0, color="gray", ls="--", lw=1)
     ax.set_xlabel("tree budget (nodes verified per target forward)")
     ax.set_ylabel("speedup vs HF generate (median)")
@@ -222,7 +235,7 @@ def run_bench_cli(args) -> None:
     if args.drafter == "ngram":
         factory = NGramDrafter
     else:
-        loaded = load_jetspec_drafter(args.drafter, model, width=args.width)
+        loaded = load_jetspec_drafter(args.drafter, model, width=args.width, path_branches=args.path_branches)
         factory = lambda: loaded  # noqa: E731 - one loaded network shared by all budgets
     sets = {}
     for name in args.prompts:
@@ -230,7 +243,7 @@ def run_bench_cli(args) -> None:
                  else load_prompts(name, "test", args.limit + 1))
         sets[Path(name).stem] = [encode_chat(tok, t) for t in texts]
     result = run_bench(model, tok, factory, sets, budgets=args.budgets, max_new_tokens=args.max_new_tokens,
-                       assisted=not args.no_assisted)
+                       assisted=not args.no_assisted, backends=args.backends)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
