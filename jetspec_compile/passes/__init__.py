@@ -9,6 +9,9 @@ The pipeline is an explicit, ordered list. Ordering rules:
 3. ``tap_hidden_states`` last: it only adds an output and must not observe intermediate rewrites.
 
 ``LOWERING_PASSES`` run after the pipeline for the PyTorch backends only (eager, Inductor): ``use_native_gqa``.
+``KERNEL_LOWERING_PASSES`` (opt-in) append ``use_tree_attention_op``: attention becomes the
+``jetspec::tree_attention`` custom op (Triton on CUDA, a torch reference elsewhere). It runs after
+``use_native_gqa`` so the op reads the grouped KV cache, and after every pass that reads the tree masks.
 ``EXPORT_PIPELINE`` appends ``functionalize_kv_writes`` (after the taps, so its outputs follow
 ``(logits, hidden)``) for backends that cannot mutate inputs (ONNX, TensorRT).
 """
@@ -20,6 +23,7 @@ from .insert_tree_positions import insert_tree_positions
 from .manager import PassManager, PassResult, lint_graph
 from .tap_hidden_states import default_tap_layers, tap_hidden_states
 from .use_native_gqa import use_native_gqa
+from .use_tree_attention_op import use_tree_attention_op
 
 #: the tree-verification pipeline, in order
 TREE_VERIFY_PIPELINE = (insert_tree_positions, insert_kv_cache, insert_tree_mask, tap_hidden_states)
@@ -27,9 +31,12 @@ TREE_VERIFY_PIPELINE = (insert_tree_positions, insert_kv_cache, insert_tree_mask
 LOWERING_PASSES = (use_native_gqa,)
 #: the same, made pure for export
 EXPORT_PIPELINE = TREE_VERIFY_PIPELINE + (functionalize_kv_writes,)
+#: opt-in: LOWERING_PASSES, then attention as the tree-attention custom op (no dense masks)
+KERNEL_LOWERING_PASSES = LOWERING_PASSES + (use_tree_attention_op,)
 
 __all__ = [
     "EXPORT_PIPELINE",
+    "KERNEL_LOWERING_PASSES",
     "LOWERING_PASSES",
     "TREE_VERIFY_PIPELINE",
     "functionalize_kv_writes",
@@ -44,4 +51,5 @@ __all__ = [
     "tap_hidden_states",
     "tree_attention_mask",
     "use_native_gqa",
+    "use_tree_attention_op",
 ]
