@@ -3,10 +3,15 @@
 ``torch.compile(fn, backend="jetspec")`` works without importing this package first: pyproject.toml registers
 :func:`jetspec_backend` in the ``torch_dynamo_backends`` entry-point group, which Dynamo's backend registry
 loads by name. The backend hands Inductor a post-grad pass (:class:`TreeAttentionPass`) whose ``uuid()`` is
-derived from its source, so Inductor's FX-graph cache is invalidated when the pass changes. Today the pass only
-counts the attention ops that reach Inductor (tests assert one per layer); it is the hook where a fused
-tree-attention kernel would be swapped in (not done yet: see the README). Inductor then emits C++/OpenMP
-kernels on CPU and Triton kernels on GPU.
+derived from its source, so Inductor's FX-graph cache is invalidated when the pass changes; it counts the
+attention ops that reach Inductor (dense-mask SDPA or the ``jetspec::tree_attention`` custom op; tests
+assert one per layer). Inductor then emits C++/OpenMP kernels on CPU and Triton kernels on GPU.
+
+On CUDA, ``lower_inductor`` also runs :func:`~jetspec_compile.passes.use_tree_attention_op` (the
+``KERNEL_LOWERING_PASSES``): attention becomes the tree-attention custom op, whose CUDA kernel is our Triton
+kernel reading a compact ancestor bitmask instead of a dense ``[B, N, L]`` mask; Inductor calls it as an
+extern kernel. On CPU the op would run its dense reference, so the plain SDPA graph is kept there unless
+``kernels=True`` is asked for.
 
 ``lower_inductor`` is what ``optimize(model, backend="inductor")`` uses for the verify graph: shapes are static
 except the cache view length, which Dynamo's automatic dynamic shapes turn symbolic after its first change,
@@ -38,13 +43,17 @@ _SDPA_TARGETS = {
 }
 
 
+def _is_tree_attention_op(target) -> bool:
+    return getattr(target, "name", lambda: "")() in ("jetspec::tree_attention", "jetspec::tree_attention.default")
+
+
 class TreeAttentionPass(CustomGraphPass):
     """Post-grad pass over Inductor's ATen graph: counts the attention ops (see the module docstring)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         attention = 0
         for node in graph.nodes:
-            if node.op == "call_function" and node.target in _SDPA_TARGETS:
+            if node.op == "call_function" and (node.target in _SDPA_TARGETS or _is_tree_attention_op(node.target)):
                 attention += 1
         STATS["tree_attention_ops"] = attention
         logger.info("jetspec post-grad pass: %d attention ops", attention)
@@ -63,8 +72,14 @@ def jetspec_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:
         return compile_fx(gm, example_inputs)
 
 
-def lower_inductor(step) -> Callable:
-    """Compile a rewritten verify step's graph (after the PyTorch lowering passes) with the ``jetspec`` backend."""
-    from . import lower_eager
+def lower_inductor(step, kernels: bool | None = None) -> Callable:
+    """Compile a rewritten verify step's graph (after the PyTorch lowering passes) with the ``jetspec`` backend.
 
-    return torch.compile(lower_eager(step), backend=jetspec_backend, fullgraph=True)
+    ``kernels``: lower attention to the tree-attention custom op first (default: on CUDA models only).
+    """
+    from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager
+
+    if kernels is None:
+        kernels = next(step.model.parameters()).is_cuda
+    PassManager(KERNEL_LOWERING_PASSES if kernels else LOWERING_PASSES)(step)
+    return torch.compile(step.graph_module, backend=jetspec_backend, fullgraph=True)

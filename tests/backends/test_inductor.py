@@ -48,3 +48,25 @@ def test_backend_is_registered_by_entry_point():
     f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend="jetspec")
     x = torch.randn(5)
     torch.testing.assert_close(f(x), torch.nn.functional.gelu(x) * 2)
+
+
+def test_inductor_with_the_tree_attention_op_is_lossless():
+    """The CUDA lowering (attention as the jetspec::tree_attention custom op), forced on CPU where the op runs
+    its reference: Inductor must call it as an extern kernel, once per layer, with unchanged output."""
+    from functools import partial
+
+    from torch._inductor import config
+
+    model = make_model("qwen3")
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
+    inductor.STATS.update(compiles=0, tree_attention_ops=0)
+    with config.patch(fx_graph_cache=False):
+        v = js.TreeVerifier(model, max_cache_len=96, num_nodes=8, self_check=False, prefill_chunk=8,
+                            compile_fn=partial(inductor.lower_inductor, kernels=True))
+        spec = js.optimize(model, budget=8, max_cache_len=96, fallback=False, self_check=False)
+        spec._verifiers[1] = v
+        assert torch.equal(spec.generate(ids, max_new_tokens=30), expected)
+    assert "jetspec.tree_attention" in v.step.graph_module.code and "tree_attention_mask" not in v.step.graph_module.code
+    assert inductor.STATS["tree_attention_ops"] == model.config.num_hidden_layers
