@@ -42,7 +42,8 @@ def cmd_train(args) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_target(args.model)
     out = Path(args.out)
-    data = Path(args.data) if args.data else cache_dir() / "data" / f"{out.name}_selfdistill.jsonl"
+    # the regenerated data belongs to the target, not to one training run: keyed by the model's name
+    data = Path(args.data) if args.data else cache_dir() / "data" / f"{Path(args.model).name}_selfdistill.jsonl"
     prompts = []
     for name in args.prompts:
         items = load_jsonl(name, args.limit) if name.endswith(".jsonl") else load_prompts(name, "train", args.limit)
@@ -133,7 +134,8 @@ def main(argv=None) -> None:
     tr.add_argument("--prompts", nargs="+", default=["humaneval", "gsm", "codeio"],
                     help="prompt sets (humaneval gsm codeio) and/or .jsonl files")
     tr.add_argument("--limit", type=int, default=300, help="prompts per set")
-    tr.add_argument("--data", help="self-distillation JSONL (default: in the cache folder)")
+    tr.add_argument("--data", help="self-distillation JSONL (default: <cache>/data/<model name>_selfdistill.jsonl, "
+                                   "shared by every run on that model)")
     tr.add_argument("--response-tokens", type=int, default=160)
     tr.add_argument("--gen-batch", type=int, default=16)
     tr.add_argument("--layers", type=int, default=2)
