@@ -8,6 +8,9 @@
   without compiling (``artifact_dir``).
 * ``onnxruntime``: the verify step exported to ONNX, run by onnxruntime.
 * ``tensorrt``: a TensorRT engine built from that ONNX file (needs ``tensorrt`` and a GPU).
+
+``lower_drafter(name)`` does the same for the drafter's step where the backend has a lowering for it
+(``onnxruntime``); elsewhere the drafter runs in PyTorch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Callable
 
 import functools
 
-__all__ = ["lower", "lower_eager", "write_new_kv"]
+__all__ = ["lower", "lower_drafter", "lower_eager", "write_new_kv"]
 
 
 def write_new_kv(inputs: dict, new_kv, num_layers: int) -> None:
@@ -58,3 +61,11 @@ def lower(name: str, artifact_dir=None) -> Callable | None:
         from .tensorrt import lower_tensorrt
         return lower_tensorrt
     raise ValueError(f"unknown backend {name!r}; available: 'eager', 'inductor', 'aoti', 'onnxruntime', 'tensorrt'")
+
+
+def lower_drafter(name: str) -> Callable | None:
+    """``drafter -> drafter`` running its steps on backend ``name``, or None where the drafter stays in PyTorch."""
+    if name == "onnxruntime":
+        from .onnx import lower_drafter_onnxruntime
+        return lower_drafter_onnxruntime
+    return None

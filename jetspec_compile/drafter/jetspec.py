@@ -1,8 +1,11 @@
 """JetSpecDrafter: the parallel drafter behind the drafter protocol.
 
 Per row it keeps the injected context keys/values of every committed token (computed from the target's
-tapped hidden states as they arrive, so the target is never run again for the drafter). Each ``draft`` is one
-drafter forward over ``[root, MASK × D]`` and a best-first tree over its per-depth distributions. With
+tapped hidden states, so the target is never run again for the drafter). Each ``draft`` is one drafter step
+(:class:`~jetspec_compile.drafter.step.DraftStep`: the keys/values of the tokens committed since the last
+step, then a forward over ``[root, MASK × D]``) and a best-first tree over its per-depth distributions. The
+step is one callable, ``step_fn``: the PyTorch module by default, or the same step exported to another runtime
+(``jetspec_compile.backends.onnx.OrtDraftStep``), which ``optimize(..., backend="onnxruntime")`` plugs in. With
 ``path_branches=k`` a second forward re-drafts depths 2.. for the k best depth-1 tokens, each block
 ``[root, token, MASK × (D-1)]`` (all k in one batch), so those subtrees follow their own path instead of the
 shared per-depth marginals (needs a drafter trained with ``reveal_prob > 0``).
@@ -10,12 +13,14 @@ shared per-depth marginals (needs a drafter trained with ``reveal_prob > 0``).
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+from typing import Callable, Sequence
 
 import torch
 
 from .model import ParallelDrafter
 from .protocol import DraftTree
+from .step import DraftStep
 from .tree_builder import best_first_tree
 
 __all__ = ["JetSpecDrafter"]
@@ -29,12 +34,14 @@ class JetSpecDrafter:
         width: candidates per depth (W) in the best-first tree; 1 gives a chain.
         max_depth: cap on tree depth (default: the drafter's block depth D).
         path_branches: depth-1 candidates whose subtrees are re-drafted conditioned on them (0 = off).
+        step_fn: what runs a drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`
+            (default: that module itself, ``self.step``).
     """
 
     needs_hidden = True
 
     def __init__(self, model: ParallelDrafter, width: int = 4, max_depth: int | None = None,
-                 path_branches: int = 0):
+                 path_branches: int = 0, step_fn: Callable | None = None):
         if path_branches < 0:
             raise ValueError(f"path_branches must be >= 0, got {path_branches}")
         self.model = model.eval()
@@ -45,26 +52,31 @@ class JetSpecDrafter:
         self.vocab_size = cfg.vocab_size
         self.target_hidden_size = cfg.target_hidden_size
         self.tap_layers = cfg.tap_layers
-        self._ctx: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        self._length: list[int] = []
+        self.step = DraftStep(self.model).eval()
+        self.step_fn = step_fn if step_fn is not None else self.step
+        self._past: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per row, per layer (k, v) [1, H_kv, T, D]
+        self._pending: list[list[torch.Tensor]] = []  # per row, tapped states [t, K*H] not yet in _past
+        self._length: list[int] = []  # per row, committed tokens (in _past or pending)
 
-    @torch.no_grad()
+    def with_step(self, step_fn: Callable) -> "JetSpecDrafter":
+        """A copy (same network and options, fresh state) whose steps run through ``step_fn``."""
+        clone = copy.copy(self)
+        clone.step_fn = step_fn
+        clone._past, clone._pending, clone._length = [], [], []
+        return clone
+
     def _append(self, row: int, hidden: torch.Tensor) -> None:
-        t = hidden.shape[0]
-        if t == 0:
-            return
-        start = self._length[row]
-        positions = torch.arange(start, start + t, device=hidden.device)[None]
-        new = self.model.context_kv(hidden[None], positions)
-        old = self._ctx[row]
-        self._ctx[row] = new if not old else [(torch.cat([ok, nk], 2), torch.cat([ov, nv], 2))
-                                              for (ok, ov), (nk, nv) in zip(old, new)]
-        self._length[row] = start + t
+        if hidden.shape[0]:
+            self._pending[row].append(hidden)
+            self._length[row] += hidden.shape[0]
 
     def begin(self, prompts, hidden) -> None:
         if hidden is None:
             raise ValueError("JetSpecDrafter needs the target's tapped hidden states")
-        self._ctx = [[] for _ in prompts]
+        cfg, device, dtype = self.model.cfg, self.model.fc.weight.device, self.model.fc.weight.dtype
+        empty = torch.zeros(1, cfg.num_kv_heads, 0, cfg.head_dim, device=device, dtype=dtype)
+        self._past = [[(empty, empty)] * cfg.num_layers for _ in prompts]
+        self._pending = [[] for _ in prompts]
         self._length = [0] * len(prompts)
         for row, h in enumerate(hidden):
             self._append(row, h)
@@ -80,21 +92,23 @@ class JetSpecDrafter:
         cfg = self.model.cfg
         p, s, m = self._length[row], cfg.block_size, len(given)
         device = self.model.fc.weight.device
-        positions = torch.arange(p, p + s, device=device).repeat(m)[None]
-        causal = torch.full((s, s), float("-inf"), device=device).triu(1)
-        mask = torch.zeros(1, 1, m * s, p + m * s, device=device)
-        mask[..., p:] = float("-inf")
-        for j in range(m):  # each block sees the context and its own causal prefix
-            mask[..., j * s:(j + 1) * s, p + j * s:p + (j + 1) * s] = causal
-        revealed = None
-        if any(g is not None for g in given):
-            revealed = torch.full((1, m, s - 1), -1, dtype=torch.long, device=device)
-            for j, g in enumerate(given):
-                if g is not None:
-                    revealed[0, j, 0] = g
-        anchors = torch.full((1, m), root, dtype=torch.long, device=device)
-        logits = self.model(anchors, positions, self._ctx[row], mask, revealed)
-        return logits[0].float().log_softmax(-1)
+        pending = self._pending[row]
+        hidden = (torch.cat(pending) if len(pending) > 1 else pending[0]) if pending else \
+            torch.zeros(0, len(cfg.tap_layers) * cfg.target_hidden_size, device=device)
+        past = self._past[row]
+        start = past[0][0].shape[2]  # tokens already in the cache; the pending ones follow
+        revealed = torch.full((1, m, s - 1), -1, dtype=torch.long, device=device)  # -1: MASK
+        for j, g in enumerate(given):
+            if g is not None and s > 1:
+                revealed[0, j, 0] = g
+        logprobs, new = self.step_fn(
+            hidden=hidden[None].to(device), positions=torch.arange(start, p, device=device)[None],
+            anchors=torch.full((1, m), root, dtype=torch.long, device=device), revealed=revealed,
+            block_positions=torch.arange(p, p + s, device=device).repeat(m)[None], past=past)
+        self._past[row] = [(torch.cat([pk, nk.to(device)], 2), torch.cat([pv, nv.to(device)], 2))
+                           for (pk, pv), (nk, nv) in zip(past, new)]
+        self._pending[row] = []
+        return logprobs.to(device)  # [M, S, V]
 
     def depth_logprobs(self, row: int, root: int) -> torch.Tensor:
         """Draft log-probabilities ``[D, V]`` of depths 1..D after the row's context and ``root``."""

@@ -35,7 +35,7 @@ class SpecModel:
 
     Attributes:
         model: the unmodified HF model (still usable on its own).
-        drafter: the drafter proposing trees.
+        drafter: the drafter proposing trees (as given; ``generate`` runs :meth:`runtime_drafter`).
         config: the :class:`~jetspec_compile.config.JetSpecConfig`.
         last_stats: statistics of the last ``generate`` call (plain dict: ``tau``, ``target_forwards``,
             ``drafter_calls``, ``tokens_per_second``, ``acceptance_histogram``, ...).
@@ -49,6 +49,7 @@ class SpecModel:
         self.drafter = drafter if drafter is not None else NGramDrafter()
         _check_drafter(self.drafter, model)
         self._verifiers: dict[int, TreeVerifier] = {}
+        self._runtime_drafter = None
         self.last_stats: dict = {}
 
     @property
@@ -67,6 +68,17 @@ class SpecModel:
                 compile_fn=lower(self.config.backend, artifact_dir=self.config.artifact_dir),
                 extra_budgets=[b for b in self.config.budgets if b < self.config.max_budget])
         return self._verifiers[batch_size]
+
+    def runtime_drafter(self):
+        """The drafter as ``generate`` runs it: lowered to the backend where it has a drafter lowering (with
+        ``onnxruntime``, a copy of a JetSpec drafter whose steps run an exported ONNX graph; exported on first
+        use), else the drafter itself."""
+        if self._runtime_drafter is None:
+            from ..backends import lower_drafter
+
+            lowering = lower_drafter(self.config.backend)
+            self._runtime_drafter = lowering(self.drafter) if lowering is not None else self.drafter
+        return self._runtime_drafter
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -102,9 +114,10 @@ class SpecModel:
             streamer.put(input_ids.cpu())
         emit = (lambda row, toks: streamer.put(torch.tensor(toks))) if streamer is not None else None
         verifier = self.verifier(batch)
+        drafter = self.runtime_drafter()
         try:
             outputs, stats = speculative_generate(
-                verifier, self.drafter, input_ids, attention_mask, max_new_tokens=max_new_tokens, params=params,
+                verifier, drafter, input_ids, attention_mask, max_new_tokens=max_new_tokens, params=params,
                 eos_token_ids=eos, budgets=self.config.budgets, emit=emit)
         finally:
             verifier.reset()  # a drafter or user error mid-generation leaves a clean verifier behind

@@ -1,0 +1,61 @@
+"""The drafter's per-step computation as one module: what :class:`~jetspec_compile.drafter.JetSpecDrafter`
+runs every ``draft`` and what backends export (``jetspec_compile.backends.onnx.export_drafter_onnx``).
+
+One call takes the row's cached context keys/values (``past``), the tapped hidden states of the tokens
+committed since the last call (``hidden``, possibly none), and ``M`` blocks ``[anchor, MASK × (S-1)]``; it
+returns the blocks' per-depth log-probabilities and the new tokens' keys/values (the caller appends them to
+its cache). Shapes are written so that one exported graph serves every context length: the mask is built from
+index comparisons (no in-place writes at shape-dependent offsets), with no Python value derived from a shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import ParallelDrafter
+
+__all__ = ["DraftStep", "visible_mask"]
+
+
+def visible_mask(context: int | torch.SymInt, blocks: int, block_size: int, device=None) -> torch.Tensor:
+    """Boolean ``[1, 1, M*S, T + M*S]`` (True = may attend): every block sees the whole context of ``T``
+    tokens and, causally, its own ``S`` positions; blocks never see each other."""
+    n = blocks * block_size
+    q = torch.arange(n, device=device)
+    own = (q[:, None] // block_size == q[None, :] // block_size) & (q[None, :] <= q[:, None])  # [n, n]
+    ctx = torch.ones(n, context, dtype=torch.bool, device=device)  # [n, T]
+    return torch.cat([ctx, own], dim=1)[None, None]
+
+
+class DraftStep(nn.Module):
+    """One drafting step of one row (batch 1) of a :class:`ParallelDrafter`.
+
+    forward(hidden, positions, anchors, revealed, block_positions, past):
+        hidden: [1, t, K*H] tapped target states of the tokens committed since the last call (t may be 0);
+        positions: [1, t] their positions (``T .. T + t - 1``);
+        anchors: [1, M] the root token of every block;
+        revealed: [1, M, S-1] tokens given at block positions 1.. (``-1``: MASK, see ``block_states``);
+        block_positions: [1, M*S] positions of the block tokens (``T + t .. T + t + S - 1`` per block);
+        past: per drafter layer ``(k, v)`` [1, H_kv, T, D], the cached context keys/values (T may be 0).
+    Returns ``(logprobs [M, S, V] float32, [(k, v) [1, H_kv, t, D] per layer])``.
+    """
+
+    def __init__(self, model: ParallelDrafter):
+        super().__init__()
+        self.model = model
+        # The shared embedding and LM head are registered here (the drafter keeps them out of its own parameters)
+        # so that an export sees one parameter per weight: unregistered, each use is lifted as its own constant
+        # (the SmolLM2 drafter file held the 113 MB tied embedding three times).
+        self.embed, self.lm_head = model.embed, model.lm_head
+
+    def forward(self, hidden, positions, anchors, revealed, block_positions, past):
+        new = self.model.context_kv(hidden, positions)
+        kv = [(torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2)) for (pk, pv), (nk, nv) in zip(past, new)]
+        visible = visible_mask(kv[0][0].shape[2], anchors.shape[1], self.model.cfg.block_size, hidden.device)
+        # additive, not boolean: for a boolean mask SDPA's decomposition adds a NaN guard (IsNaN, which
+        # TensorRT's ONNX parser lacks); no row is fully masked (every block token sees itself), so -inf is safe
+        mask = torch.zeros(visible.shape, dtype=kv[0][0].dtype, device=hidden.device).masked_fill(~visible,
+                                                                                                float("-inf"))
+        logits = self.model(anchors, block_positions, kv, mask, revealed)  # [1, M, S, V]
+        return logits[0].float().log_softmax(-1), new
