@@ -155,12 +155,10 @@ class OrtVerifyStep:
 
     def __call__(self, **inputs):
         feeds = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
+        from . import write_new_kv
+
         logits, hidden, *new_kv = self.session.run(None, feeds)
-        slots = inputs["write_slots"]
-        for layer in range(self.num_layers):
-            for j, kv in enumerate("kv"):
-                cache = inputs[f"{kv}_cache_{layer}"]
-                cache.index_copy_(2, slots, torch.from_numpy(new_kv[2 * layer + j]).to(cache.device, cache.dtype))
+        write_new_kv(inputs, new_kv, self.num_layers)
         device = inputs["input_ids"].device
         return torch.from_numpy(logits).to(device), torch.from_numpy(hidden).to(device)
 

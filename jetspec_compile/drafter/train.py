@@ -80,19 +80,28 @@ class TrainConfig:
 def compute_features(target, records: list[dict], tap_layers, max_len: int = 512, progress: bool = True):
     """Run the target once per sequence; return ``[(ids [T], hidden [T, K*H] fp16, prompt_len)]``.
 
-    The hidden states come from the same rewritten graph and taps that feed the drafter at inference
-    (:meth:`TreeVerifier.prefill`), so training and inference see identical features (HF's own
-    ``output_hidden_states`` differs for the last layer, which it returns after the final norm).
+    The features are what feeds the drafter at inference: the outputs of the tapped decoder layers. When no tap
+    is the last layer they are read from one plain HF forward (``output_hidden_states``: entry ``i + 1`` is
+    layer ``i``'s output), which is several times faster than the verify graph's chunked prefill; a tap on the
+    last layer goes through the verify graph itself (:meth:`TreeVerifier.prefill`), because HF returns that
+    layer after the final norm.
     """
+    from ..capture import text_config
     from ..runtime.verifier import TreeVerifier
 
-    verifier = TreeVerifier(target, max_cache_len=max_len + 65, num_nodes=64, tap_layers=tuple(tap_layers),
-                            self_check=False)
+    taps = tuple(tap_layers)
+    plain = max(taps) < text_config(target).num_hidden_layers - 1
+    verifier = None if plain else TreeVerifier(target, max_cache_len=max_len + 65, num_nodes=64, tap_layers=taps,
+                                               self_check=False)
     feats = []
     for rec in tqdm(records, desc="target features", unit="seq", disable=not progress):
         ids = torch.tensor(rec["prompt_ids"] + rec["response_ids"])[:max_len]
-        _, hidden = verifier.prefill(ids[None])
-        feats.append((ids, hidden[0].half(), min(len(rec["prompt_ids"]), len(ids) - 1)))
+        if plain:
+            states = target(input_ids=ids[None], output_hidden_states=True, use_cache=False).hidden_states
+            hidden = torch.cat([states[i + 1][0] for i in taps], dim=-1)
+        else:
+            hidden = verifier.prefill(ids[None])[1][0]
+        feats.append((ids, hidden.half(), min(len(rec["prompt_ids"]), len(ids) - 1)))
     return feats
 
 

@@ -79,3 +79,16 @@ def test_path_conditioned_drafting_is_lossless_and_reshapes_the_tree():
     assert trees[0].tokens != trees[2].tokens  # deeper nodes follow their own branch
     with pytest.raises(ValueError, match="path_branches"):
         JetSpecDrafter(net, path_branches=-1)
+
+
+def test_fast_training_features_equal_runtime_taps():
+    """Taps before the last layer come from one plain HF forward; they must equal what the verify graph taps."""
+    from jetspec_compile.drafter.train import compute_features
+
+    target = make_model("qwen3")
+    ids = torch.randint(3, VOCAB, (40,)).tolist()
+    ((_, hidden, _),) = compute_features(target, [{"prompt_ids": ids[:12], "response_ids": ids[12:]}], (0, 1),
+                                         progress=False)
+    v = js.TreeVerifier(target, max_cache_len=64, num_nodes=8, tap_layers=(0, 1))
+    _, expected = v.prefill(torch.tensor([ids]))
+    torch.testing.assert_close(hidden.float(), expected[0], atol=1e-2, rtol=1e-2)  # stored in fp16
