@@ -10,7 +10,7 @@
 * ``tensorrt``: a TensorRT engine built from that ONNX file (needs ``tensorrt`` and a GPU).
 
 ``lower_drafter(name)`` does the same for the drafter's step where the backend has a lowering for it
-(``onnxruntime``); elsewhere the drafter runs in PyTorch.
+(``onnxruntime``, ``aoti``); elsewhere the drafter runs in PyTorch.
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ def lower(name: str, artifact_dir=None) -> Callable | None:
     raise ValueError(f"unknown backend {name!r}; available: 'eager', 'inductor', 'aoti', 'onnxruntime', 'tensorrt'")
 
 
-def lower_drafter(name: str) -> Callable | None:
+def lower_drafter(name: str, artifact_dir=None) -> Callable | None:
     """``drafter -> drafter`` running its steps on backend ``name``, or None where the drafter stays in PyTorch."""
+    if name == "aoti":
+        from .aoti import lower_drafter_aoti
+        return functools.partial(lower_drafter_aoti, artifact_dir=artifact_dir)
     if name == "onnxruntime":
         from .onnx import lower_drafter_onnxruntime
         return lower_drafter_onnxruntime

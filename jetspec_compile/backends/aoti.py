@@ -6,8 +6,11 @@ as for ONNX), exports it with ``torch.export`` (the cache length is a dynamic di
 written under a temporary name and renamed, with a JSON file beside it recording the model fingerprint (config,
 weights, tap layers, shapes, torch version) so a stale or foreign package is recompiled, never run.
 
-``optimize(model, backend="aoti", artifact_dir="compiled/")`` compiles each verify graph the first time and
-saves it there; later processes (a deployment) load the packages in milliseconds instead of compiling for
+The drafter's step (:class:`~jetspec_compile.drafter.step.DraftStep`; context length, new tokens and block
+count dynamic) is packaged the same way (:func:`export_drafter_aoti`).
+
+``optimize(model, backend="aoti", artifact_dir="compiled/")`` compiles each verify graph and the drafter step
+the first time and saves them there; later processes (a deployment) load the packages in milliseconds instead of compiling for
 minutes. The capture and passes (a few seconds) still run at start-up: they provide the cache layout and the
 self-check.
 """
@@ -29,15 +32,17 @@ from ..passes import functionalize_kv_writes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export_step_aoti", "AotiVerifyStep", "lower_aoti", "model_fingerprint", "STATS"]
+__all__ = ["export_step_aoti", "AotiVerifyStep", "lower_aoti", "export_drafter_aoti", "AotiDraftStep",
+           "lower_drafter_aoti", "model_fingerprint", "STATS"]
 
 #: counters tests read: packages compiled and packages loaded from disk
 STATS = {"compiled": 0, "loaded": 0}
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, config_text: str | None = None) -> str:
     """Hash of the model's config and weights (shapes, dtypes, per-tensor sums and a few values)."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    text = config_text if config_text is not None else model.config.to_json_string(use_diff=False)
+    h = hashlib.sha256(text.encode())
     with torch.no_grad():
         for name, t in model.state_dict().items():
             flat = t.detach().reshape(-1)
@@ -76,22 +81,26 @@ def export_step_aoti(step, path: str | Path, *, fingerprint: str | None = None) 
                    else None) for k in inputs}
     meta = {**_step_key(step, fingerprint or model_fingerprint(step.model)), "inputs": list(inputs),
             "num_layers": step.meta["kv"]["num_layers"]}
+    _compile_package(step.graph_module, inputs, dynamic, path, meta, type(step.model).__name__)
+    return path
+
+
+def _compile_package(module, inputs: dict, dynamic: dict, path: Path, meta: dict, what: str) -> None:
+    """torch.export + AOTInductor into ``path``, written under a temporary name; the JSON beside it comes last."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
         with torch.no_grad():
-            ep = torch.export.export(step.graph_module, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
+            ep = torch.export.export(module, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
             torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
         os.replace(tmp, path)
         Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))  # last: marks the package complete
     except Exception as err:
-        raise JetSpecError(f"AOTInductor compile of {type(step.model).__name__} failed and nothing was written: "
-                           f"{err}") from err
+        raise JetSpecError(f"AOTInductor compile of {what} failed and nothing was written: {err}") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     STATS["compiled"] += 1
-    return path
 
 
 class AotiVerifyStep:
@@ -137,3 +146,62 @@ def lower_aoti(step, artifact_dir: str | Path | None = None) -> AotiVerifyStep:
     logger.info("compiling the verify step (N=%d) with AOTInductor into %s", step.num_nodes, path)
     export_step_aoti(step, path, fingerprint=key["model"])
     return AotiVerifyStep(path)
+
+
+def export_drafter_aoti(drafter, path: str | Path, *, fingerprint: str | None = None) -> Path:
+    """Compile the drafter's step (a :class:`~jetspec_compile.drafter.JetSpecDrafter` or its network) into the
+    AOTInductor package ``path``; the shared embedding and LM head are embedded in it."""
+    from ..drafter.step import DraftStep
+    from .onnx import _drafter_network, draft_step_export_spec
+
+    net = _drafter_network(drafter)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    step = DraftStep(net).eval()
+    inputs, dynamic = draft_step_export_spec(net)
+    meta = {"kind": "draft_step", "model": fingerprint or model_fingerprint(step, net.cfg.to_json()),
+            "num_layers": net.cfg.num_layers, "torch": torch.__version__}
+    _compile_package(step, inputs, dynamic, path, meta, f"the drafter step ({net.cfg.target_name or 'drafter'})")
+    return path
+
+
+class AotiDraftStep:
+    """A compiled drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        meta_path = Path(str(path) + ".json")
+        if not path.exists() or not meta_path.exists():
+            raise FileNotFoundError(f"{path} is not a complete AOTInductor package (needs {path.name} and "
+                                    f"{meta_path.name})")
+        self.meta = json.loads(meta_path.read_text())
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        STATS["loaded"] += 1
+
+    def __call__(self, *, hidden, positions, anchors, revealed, block_positions, past):
+        dtype = past[0][0].dtype
+        past = [(k.contiguous(), v.contiguous()) for k, v in past]
+        return self.runner(hidden=hidden.to(dtype).contiguous(), positions=positions.contiguous(),
+                           anchors=anchors.contiguous(), revealed=revealed.contiguous(),
+                           block_positions=block_positions.contiguous(), past=past)
+
+
+def lower_drafter_aoti(drafter, artifact_dir: str | Path | None = None):
+    """A copy of ``drafter`` whose steps run a compiled package (loaded from ``artifact_dir`` or compiled into
+    it); drafters without a network (n-gram) are returned unchanged."""
+    from ..drafter import JetSpecDrafter
+    from ..drafter.step import DraftStep
+    from ..models import cache_dir
+
+    if not isinstance(drafter, JetSpecDrafter):
+        return drafter
+    folder = Path(artifact_dir) if artifact_dir is not None else cache_dir() / "aoti"
+    fingerprint = model_fingerprint(DraftStep(drafter.model), drafter.model.cfg.to_json())
+    key = {"model": fingerprint, "torch": torch.__version__}
+    path = folder / f"draft_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt2"
+    meta_path = Path(str(path) + ".json")
+    if not (path.exists() and meta_path.exists()
+            and all(json.loads(meta_path.read_text()).get(k) == v for k, v in key.items())):
+        logger.info("compiling the drafter step with AOTInductor into %s", path)
+        export_drafter_aoti(drafter, path, fingerprint=fingerprint)
+    return drafter.with_step(AotiDraftStep(path))

@@ -220,6 +220,18 @@ def _drafter_network(drafter):
                        "(training-free drafters such as NGramDrafter have no network and run in Python)")
 
 
+def draft_step_export_spec(net) -> tuple[dict, dict]:
+    """Example inputs and ``dynamic_shapes`` for exporting a :class:`~jetspec_compile.drafter.step.DraftStep`:
+    cached context ``T``, new tokens ``t`` (both may be 0) and blocks ``M`` are dynamic."""
+    cfg = net.cfg
+    context, new = torch.export.Dim("context", min=0, max=1 << 16), torch.export.Dim("new", min=0, max=1 << 16)
+    blocks = torch.export.Dim("blocks", min=1, max=256)
+    dynamic = {"hidden": {1: new}, "positions": {1: new}, "anchors": {1: blocks}, "revealed": {1: blocks},
+               "block_positions": {1: blocks * cfg.block_size},
+               "past": [({2: context}, {2: context}) for _ in range(cfg.num_layers)]}
+    return _draft_inputs(net, context=11, new=3, blocks=2), dynamic
+
+
 def _draft_inputs(net, context: int, new: int, blocks: int, seed: int = 0) -> dict:
     """Random step inputs in ``DraftStep.forward``'s argument order: ``context`` cached tokens, ``new`` pending
     ones, ``blocks`` blocks (the second onward with a revealed depth-1 token)."""
@@ -282,12 +294,7 @@ def export_drafter_onnx(drafter, path: str | Path, *, check: bool = True) -> Pat
                            "load_drafter(..., dtype=torch.float32) on a float32 target")
     cfg = net.cfg
     step = DraftStep(net).eval()
-    inputs = _draft_inputs(net, context=11, new=3, blocks=2)
-    context, new = torch.export.Dim("context", min=0, max=1 << 16), torch.export.Dim("new", min=0, max=1 << 16)
-    blocks = torch.export.Dim("blocks", min=1, max=256)
-    dynamic = {"hidden": {1: new}, "positions": {1: new}, "anchors": {1: blocks}, "revealed": {1: blocks},
-               "block_positions": {1: blocks * cfg.block_size},
-               "past": [({2: context}, {2: context}) for _ in range(cfg.num_layers)]}
+    inputs, dynamic = draft_step_export_spec(net)
     input_names = _flat_names(inputs)
     output_names = ["logprobs"] + [f"{kv}_new_{i}" for i in range(cfg.num_layers) for kv in "kv"]
     nbytes = sum(t.numel() * t.element_size() for t in [*net.parameters(), net.embed.weight, net.lm_head.weight])

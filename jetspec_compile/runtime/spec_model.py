@@ -76,7 +76,7 @@ class SpecModel:
         if self._runtime_drafter is None:
             from ..backends import lower_drafter
 
-            lowering = lower_drafter(self.config.backend)
+            lowering = lower_drafter(self.config.backend, artifact_dir=self.config.artifact_dir)
             self._runtime_drafter = lowering(self.drafter) if lowering is not None else self.drafter
         return self._runtime_drafter
 
