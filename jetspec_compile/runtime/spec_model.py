@@ -73,12 +73,12 @@ class SpecModel:
         """The drafter as ``generate`` runs it: lowered to the backend where it has a drafter lowering (with
         ``onnxruntime``, a copy of a JetSpec drafter whose steps run an exported ONNX graph; exported on first
         use), else the drafter itself."""
-        if self._runtime_drafter is None:
+        if self._runtime_drafter is None or self._runtime_drafter[0] is not self.drafter:  # drafter swapped
             from ..backends import lower_drafter
 
             lowering = lower_drafter(self.config.backend, artifact_dir=self.config.artifact_dir)
-            self._runtime_drafter = lowering(self.drafter) if lowering is not None else self.drafter
-        return self._runtime_drafter
+            self._runtime_drafter = (self.drafter, lowering(self.drafter) if lowering is not None else self.drafter)
+        return self._runtime_drafter[1]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
