@@ -32,6 +32,8 @@ def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype 
         state = {k: v.detach().to(dtype).contiguous() for k, v in drafter.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "jetspec-drafter"})
         (tmp / CONFIG).write_text(drafter.cfg.to_json())
+        for item in (tmp, tmp / WEIGHTS, tmp / CONFIG):  # mkdtemp makes the folder private; a checkpoint is not
+            item.chmod(0o755 if item.is_dir() else 0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
