@@ -79,3 +79,24 @@ def test_smollm2_generate_is_lossless_with_streamer(smollm2):
     with torch.no_grad():
         expected = model.generate(**batch, max_new_tokens=30, do_sample=False)
     assert torch.equal(out, expected)
+
+
+def test_shipped_drafter_is_lossless_on_held_out_prompts_and_beats_chance(smollm2):
+    """The trained drafter shipped in the package: token-identical output on held-out prompts, and it really
+    drafts (bench_tau measures τ ≈ 2.1 at budget 8 on GSM; an untrained drafter accepts ~0 extra tokens)."""
+    import jetspec_compile as js
+    from jetspec_compile.prompts import encode_chat, load_prompts
+
+    model, tok = smollm2
+    prompts = [encode_chat(tok, p) for p in load_prompts("gsm", "test", 2)]
+    spec = js.attach_drafter(model, "smollm2", budget=8, max_cache_len=512, fallback=False)
+    accepted = steps = 0
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            expected = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=48, do_sample=False)
+        assert torch.equal(spec.generate(x, max_new_tokens=48), expected)
+        hist = spec.last_stats["acceptance_histogram"]
+        steps += sum(hist.values())
+        accepted += sum(k * v for k, v in hist.items())
+    assert accepted / steps > 1.5  # a broken or foreign checkpoint gives ~1.0

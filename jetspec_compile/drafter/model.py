@@ -15,6 +15,7 @@ target's family: only the hidden size, vocabulary and tapped layers must match.
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import math
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ class DrafterConfig:
             num_heads=heads, num_kv_heads=getattr(target_config, "num_key_value_heads", None) or heads,
             head_dim=head_dim, intermediate_size=getattr(target_config, "intermediate_size", 4 * target_config.hidden_size),
             rope_theta=float(rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))),
-            target_name=getattr(target_config, "_name_or_path", "") or getattr(target_config, "model_type", ""),
+            target_name=os.path.basename(str(getattr(target_config, "_name_or_path", "") or "").rstrip("/"))
+            or getattr(target_config, "model_type", ""),  # a name, never a local path
         )
         base.update(overrides)
         return cls(**base)
