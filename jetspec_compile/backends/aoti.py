@@ -103,19 +103,24 @@ def _compile_package(module, inputs: dict, dynamic: dict, path: Path, meta: dict
     STATS["compiled"] += 1
 
 
+def _load_package(path: str | Path) -> tuple[dict, object]:
+    """``(metadata, runner)`` of a package written by :func:`_compile_package`; refuses an incomplete one."""
+    path = Path(path)
+    meta_path = Path(str(path) + ".json")
+    if not path.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"{path} is not a complete AOTInductor package (needs {path.name} and "
+                                f"{meta_path.name}); compile it with optimize(..., backend='aoti')")
+    runner = torch._inductor.aoti_load_package(str(path))
+    STATS["loaded"] += 1
+    return json.loads(meta_path.read_text()), runner
+
+
 class AotiVerifyStep:
     """A compiled ``.pt2`` verify step, called like the eager graph (inputs by name, caches written in place)."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        meta_path = Path(str(path) + ".json")
-        if not path.exists() or not meta_path.exists():
-            raise FileNotFoundError(f"{path} is not a complete AOTInductor package (needs {path.name} and "
-                                    f"{meta_path.name}); compile it with optimize(..., backend='aoti')")
-        self.meta = json.loads(meta_path.read_text())
-        self.path = path
-        self.runner = torch._inductor.aoti_load_package(str(path))
-        STATS["loaded"] += 1
+        self.path = Path(path)
+        self.meta, self.runner = _load_package(path)
 
     def __call__(self, **inputs):
         from . import write_new_kv
@@ -169,14 +174,7 @@ class AotiDraftStep:
     """A compiled drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        meta_path = Path(str(path) + ".json")
-        if not path.exists() or not meta_path.exists():
-            raise FileNotFoundError(f"{path} is not a complete AOTInductor package (needs {path.name} and "
-                                    f"{meta_path.name})")
-        self.meta = json.loads(meta_path.read_text())
-        self.runner = torch._inductor.aoti_load_package(str(path))
-        STATS["loaded"] += 1
+        self.meta, self.runner = _load_package(path)
 
     def __call__(self, *, hidden, positions, anchors, revealed, block_positions, past):
         dtype = past[0][0].dtype
