@@ -41,7 +41,7 @@ def test_training_beats_the_untrained_drafter_on_held_out_sequences(setup, tmp_p
     assert (tmp_path / "a" / "drafter" / "config.json").exists()
 
 
-def test_same_seed_same_weights_and_resume_equals_one_run(setup, tmp_path):
+def test_same_seed_same_weights_and_resume_equals_one_run(setup, tmp_path, monkeypatch):
     target, feats, cfg = setup
     one = train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "one", progress=False)
     two = train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "two", progress=False)
@@ -59,11 +59,10 @@ def test_same_seed_same_weights_and_resume_equals_one_run(setup, tmp_path):
             raise KeyboardInterrupt
         return real_clip(*args, **kwargs)
 
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", dying_clip)
+    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", dying_clip)
     with pytest.raises(KeyboardInterrupt):
         train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "three", progress=False)
-    monkey.undo()
+    monkeypatch.undo()
     assert torch.load(tmp_path / "three" / "train_state.pt", weights_only=False)["step"] == 6
     resumed = train_drafter(target, feats, cfg, small(checkpoint_every=3), tmp_path / "three", progress=False)
     for (name, a), b in zip(one.state_dict().items(), resumed.state_dict().values()):
