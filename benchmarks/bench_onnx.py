@@ -18,9 +18,9 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from jetspec_compile import optimize
+from jetspec_compile.bench import run_interleaved
 from jetspec_compile.drafter import load_jetspec_drafter
 from jetspec_compile.models import cache_dir, load_smollm2
 from jetspec_compile.prompts import encode_chat, load_prompts
@@ -76,30 +76,7 @@ def main() -> None:
 
     texts = load_prompts("humaneval", "test", args.limit + 1)
     prompts = [encode_chat(tok, t) for t in texts]
-    records = []
-    bar = tqdm(total=len(prompts) * len(METHODS), desc="bench_onnx", unit="run")
-    for i, ids in enumerate(prompts):
-        x = torch.tensor([ids])
-        ref = None
-        for method in METHODS:
-            start = time.perf_counter()
-            with torch.no_grad():
-                if method == "hf":
-                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                                         do_sample=False)
-                    ref = out
-                else:
-                    out = specs[method].generate(x, max_new_tokens=args.max_new_tokens)
-            elapsed = time.perf_counter() - start
-            new = out.shape[1] - x.shape[1]
-            rec = {"prompt": i, "method": method, "prompt_tokens": len(ids), "new_tokens": new, "seconds": elapsed,
-                   "tokens_per_second": new / elapsed, "identical": bool(torch.equal(out, ref)), "warmup": i == 0}
-            if method != "hf":
-                st = specs[method].last_stats
-                rec.update(tau=st["tau"], draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"])
-            records.append(rec)
-            bar.update(1)
-    bar.close()
+    records = run_interleaved(model, specs, {"humaneval": prompts}, METHODS, max_new_tokens=args.max_new_tokens)
 
     timed = [r for r in records if not r["warmup"]]
     hf = {r["prompt"]: r["tokens_per_second"] for r in timed if r["method"] == "hf"}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["add_bench_arguments", "run_bench", "run_bench_cli"]
+__all__ = ["add_bench_arguments", "run_bench", "run_bench_cli", "run_interleaved"]
 
 
 def add_bench_arguments(ap) -> None:
@@ -57,6 +57,14 @@ def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]
             specs[name] = optimize(model, drafter=drafter_factory(), budget=b if b == "auto" else int(b),
                                    max_cache_len=2048, backend=backend)
     methods = ["hf"] + (["hf-prompt-lookup"] if assisted else []) + list(specs)
+    records = run_interleaved(model, specs, prompt_sets, methods, max_new_tokens=max_new_tokens, progress=progress)
+    return {"methods": methods, "records": records, "summary": summarize(records, methods)}
+
+
+def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]], methods, *, max_new_tokens=128,
+                    progress=True) -> list[dict]:
+    """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup`` or a name in ``specs``); the first
+    prompt of each set is marked as warm-up. One record per run, with token-identity to HF's output."""
     records = []
     total = sum(len(p) for p in prompt_sets.values()) * len(methods)
     bar = tqdm(total=total, desc="benchmark", unit="run", disable=not progress)
@@ -89,7 +97,7 @@ def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]
                 records.append(rec)
                 bar.update(1)
     bar.close()
-    return {"methods": methods, "records": records, "summary": summarize(records, methods)}
+    return records
 
 
 def summarize(records: list[dict], methods: list[str]) -> dict:
