@@ -2,7 +2,8 @@
 
 ``lower(name)`` returns a function ``CapturedStep -> callable`` taking the graph's inputs by name:
 
-* ``eager``: the rewritten FX graph (plus the PyTorch lowering passes), run op by op by PyTorch.
+* ``eager``: the rewritten FX graph (plus the PyTorch lowering passes), run op by op by PyTorch; on CPU its fp32
+  linears use weights packed once for MKL's GEMM.
 * ``inductor``: ``torch.compile`` with the ``jetspec`` backend (Inductor: C++ on CPU, Triton on GPU).
 * ``aoti``: the verify step compiled ahead of time by AOTInductor into a ``.pt2`` package, saved and reloaded
   without compiling (``artifact_dir``).
@@ -36,11 +37,12 @@ def write_new_kv(inputs: dict, new_kv, num_layers: int) -> None:
             cache.index_copy_(2, slots, new.to(cache.device, cache.dtype))
 
 
-def lower_eager(step):
-    """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention)."""
-    from ..passes import LOWERING_PASSES, PassManager
+def lower_eager(step, prepack: bool = True):
+    """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention) and,
+    with ``prepack``, fp32 CPU linears run from MKL-packed weights (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
+    from ..passes import EAGER_CPU_PASSES, LOWERING_PASSES, PassManager
 
-    PassManager(LOWERING_PASSES)(step)
+    PassManager(EAGER_CPU_PASSES if prepack else LOWERING_PASSES)(step)
     return step.graph_module
 
 

@@ -12,7 +12,8 @@ The pipeline is an explicit, ordered list. Ordering rules:
 ``KERNEL_LOWERING_PASSES`` (opt-in) append ``use_tree_attention_op``: attention becomes the
 ``jetspec::tree_attention`` custom op (Triton on CUDA, a torch reference elsewhere). It runs after
 ``use_native_gqa`` so the op reads the grouped KV cache, and after every pass that reads the tree masks.
-``EXPORT_PIPELINE`` appends ``functionalize_kv_writes`` (after the taps, so its outputs follow
+``EAGER_CPU_PASSES`` append ``prepack_linear_weights`` to them for the eager backend on CPU (fp32 linears from
+MKL-packed weights). ``EXPORT_PIPELINE`` appends ``functionalize_kv_writes`` (after the taps, so its outputs follow
 ``(logits, hidden)``) for backends that cannot mutate inputs (ONNX, TensorRT).
 """
 
@@ -22,6 +23,7 @@ from .insert_tree_mask import attention_windows, insert_tree_mask, tree_attentio
 from .insert_tree_positions import insert_tree_positions
 from .manager import PassManager, PassResult, lint_graph
 from .tap_hidden_states import default_tap_layers, tap_hidden_states
+from .prepack_linear_weights import prepack_linear_weights, prepack_supported
 from .use_native_gqa import use_native_gqa
 from .use_tree_attention_op import use_tree_attention_op
 
@@ -29,12 +31,15 @@ from .use_tree_attention_op import use_tree_attention_op
 TREE_VERIFY_PIPELINE = (insert_tree_positions, insert_kv_cache, insert_tree_mask, tap_hidden_states)
 #: extra passes of the PyTorch lowerings (eager, Inductor)
 LOWERING_PASSES = (use_native_gqa,)
+#: extra passes of the eager backend on CPU (Inductor packs weights itself; exports cannot carry packed weights)
+EAGER_CPU_PASSES = LOWERING_PASSES + (prepack_linear_weights,)
 #: the same, made pure for export
 EXPORT_PIPELINE = TREE_VERIFY_PIPELINE + (functionalize_kv_writes,)
 #: opt-in: LOWERING_PASSES, then attention as the tree-attention custom op (no dense masks)
 KERNEL_LOWERING_PASSES = LOWERING_PASSES + (use_tree_attention_op,)
 
 __all__ = [
+    "EAGER_CPU_PASSES",
     "EXPORT_PIPELINE",
     "KERNEL_LOWERING_PASSES",
     "LOWERING_PASSES",
@@ -48,6 +53,8 @@ __all__ = [
     "insert_tree_mask",
     "insert_tree_positions",
     "lint_graph",
+    "prepack_linear_weights",
+    "prepack_supported",
     "tap_hidden_states",
     "tree_attention_mask",
     "use_native_gqa",

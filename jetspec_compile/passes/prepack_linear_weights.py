@@ -1,0 +1,83 @@
+"""prepack_linear_weights: run the step's fp32 linears on CPU from MKL-packed weights.
+
+A tree-verify step multiplies a handful of rows (``B*N``, typically 4..32) by every weight of the model. On CPU,
+plain ``aten.linear`` with a few rows goes through a GEMM that re-packs the weight matrix on every call, which
+costs about as much as reading it: on a 2-core Xeon, verifying 8 nodes of SmolLM2-135M spent 1.6x the matmul
+time of one decoding token (``benchmarks/bench_verify.py``). This pass packs each weight once, for the graph's
+static row count, into MKL's GEMM layout (``torch.ops.mkl._mkl_reorder_linear_weight``) and calls
+``torch.ops.mkl._mkl_linear`` instead — what Inductor's CPU weight prepacking does under ``freezing``, here for
+the eager backend without a compile. The packed copy is specific to the row count: it costs one extra copy of the
+packed weights per graph (each tree budget), so the pass only runs where it pays (fp32 CPU weights, MKL built in,
+``B*N <= MAX_ROWS``) and leaves other graphs untouched. ``_mkl_linear`` falls back to the plain weight if the row
+count ever differs, so a wrong guess costs speed, never correctness.
+
+A lowering pass of the eager backend only: exported graphs (AOTI, ONNX) cannot carry the opaque packed tensors,
+and Inductor packs for itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .manager import PassResult
+from .patterns import val
+
+__all__ = ["prepack_linear_weights", "MAX_ROWS", "prepack_supported"]
+
+#: largest row count (batch x tree nodes) whose linears are packed; above it MKL's GEMM packs cheaply enough
+MAX_ROWS = 64
+
+
+def prepack_supported() -> bool:
+    """Whether this PyTorch build can run MKL-packed linears (an x86 build with MKL)."""
+    return bool(getattr(torch._C, "has_mkl", False)) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def prepack_linear_weights(step) -> PassResult:
+    gm = step.graph_module
+    if not prepack_supported():
+        return PassResult(False, {"skipped": "this PyTorch build has no MKL"})
+    packed_by_weight: dict[str, str] = {}  # weight attr -> packed attr (a tied weight is packed once)
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        x, weight = node.args[:2]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            continue
+        if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
+            continue
+        w = _attr(gm, weight.target)
+        xv = val(x)
+        if xv is None or w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 2:
+            continue
+        rows = 1
+        for size in xv.shape[:-1]:
+            rows *= int(size)
+        if not 1 <= rows <= MAX_ROWS:
+            continue
+        name = packed_by_weight.get(weight.target)
+        if name is None:
+            name = f"_jetspec_packed_{len(packed_by_weight)}"
+            with torch.no_grad():
+                gm.register_buffer(name, torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows), persistent=False)
+            packed_by_weight[weight.target] = name
+        with gm.graph.inserting_before(node):
+            packed = gm.graph.get_attr(name)
+            fused = gm.graph.call_function(torch.ops.mkl._mkl_linear.default, (x, packed, weight, bias, rows))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return PassResult(rewritten > 0, {"linears_prepacked": rewritten, "weights_packed": len(packed_by_weight)})

@@ -1,0 +1,62 @@
+import functools
+import random
+
+import pytest
+import torch
+
+from jetspec_compile import TreeVerifier
+from jetspec_compile.backends import lower_eager
+from jetspec_compile.passes import prepack_linear_weights, prepack_supported
+from jetspec_compile.passes.prepack_linear_weights import MAX_ROWS
+from jetspec_compile.runtime.verifier import build_verify_step
+from tests.families import VOCAB, make_model
+from tests.reference import random_tree
+
+pytestmark = pytest.mark.skipif(not prepack_supported(), reason="this PyTorch build has no MKL (not x86?)")
+
+MKL_LINEAR = torch.ops.mkl._mkl_linear.default
+
+
+def _count(gm, target):
+    return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D as addmm, biases; llama: bias-free linears
+def test_packed_graph_matches_the_plain_one(family):
+    model = make_model(family)
+    plain = TreeVerifier(model, max_cache_len=96, num_nodes=12, compile_fn=functools.partial(lower_eager, prepack=False))
+    packed = TreeVerifier(model, max_cache_len=96, num_nodes=12, compile_fn=lower_eager)
+    linears = _count(plain.graph, torch.ops.aten.linear.default)
+    assert _count(packed.graph, MKL_LINEAR) == linears
+    assert _count(packed.graph, torch.ops.aten.linear.default) == 0
+    rng = random.Random(0)
+    prompt = torch.tensor([[rng.randrange(3, VOCAB) for _ in range(30)]])
+    for v in (plain, packed):
+        v.prefill(prompt)
+    tree = random_tree("deep", 12, rng)
+    tokens = torch.tensor([[rng.randrange(3, VOCAB) for _ in range(12)]])
+    (la, ha), (lb, hb) = plain.verify(tokens, tree), packed.verify(tokens, tree)
+    torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hb, ha, atol=1e-4, rtol=1e-4)
+
+
+def test_only_small_fp32_cpu_graphs_are_packed():
+    model = make_model("llama")
+    step, _ = build_verify_step(model, num_nodes=MAX_ROWS + 1)  # too many rows: MKL's GEMM packs cheaply itself
+    result = prepack_linear_weights(step)
+    assert not result.modified and _count(step.graph_module, MKL_LINEAR) == 0
+    step, _ = build_verify_step(model.to(torch.bfloat16), num_nodes=4)  # MKL's packed GEMM is fp32 only
+    assert not prepack_linear_weights(step).modified
+
+
+def test_shared_weights_are_packed_once():
+    model = make_model("llama")
+    first, second = model.model.layers[0].mlp, model.model.layers[1].mlp
+    for name in ("gate_proj", "up_proj", "down_proj"):  # one weight used by two layers' linears
+        getattr(second, name).weight = getattr(first, name).weight
+    step, _ = build_verify_step(model, num_nodes=4)
+    stats = prepack_linear_weights(step).stats
+    gm = step.graph_module
+    packed = [n.args[1].target for n in gm.graph.nodes if n.op == "call_function" and n.target is MKL_LINEAR]
+    assert stats["linears_prepacked"] == len(packed) == 3 * 7 + 1
+    assert stats["weights_packed"] == len(set(packed)) == len(packed) - 3
