@@ -8,6 +8,7 @@ conditioned on them: one more drafter forward). The drafter's time per step is p
 path conditioning is not free.
 
     python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--limit 5] [--path-branches 3]
+                                   [--draft-vocab 0 2048 4096]
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 import jetspec_compile as js
-from jetspec_compile.drafter import load_jetspec_drafter
+from jetspec_compile.drafter import JetSpecDrafter, load_jetspec_drafter
+from jetspec_compile.drafter.vocab import frequent_tokens
 from jetspec_compile.models import load_smollm2
 from jetspec_compile.prompts import encode_chat, load_prompts
 
@@ -34,6 +36,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--path-branches", type=int, default=3, help="depth-1 branches re-drafted (0: skip 'path')")
     ap.add_argument("--shapes", nargs="+", default=["chain", "tree", "path"], choices=["chain", "tree", "path"])
+    ap.add_argument("--draft-vocab", type=int, nargs="+", default=[None],
+                    help="draft vocabulary sizes to compare (0: the whole vocabulary; default: the checkpoint's); "
+                         "other sizes are the most frequent tokens of --data")
+    ap.add_argument("--data", help="self-distillation JSONL the vocabulary is counted in "
+                                   "(default: <cache>/data/smollm2_selfdistill.jsonl)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -43,11 +50,20 @@ def main() -> None:
     configs = [("chain", b, 1, 0) for b in args.budgets if b <= 9] + [("tree", b, 4, 0) for b in args.budgets]
     if args.path_branches:
         configs += [("path", b, 4, args.path_branches) for b in args.budgets]
-    configs = [c for c in configs if c[0] in args.shapes]
+    configs = [c + (v,) for c in configs if c[0] in args.shapes for v in args.draft_vocab]
+    records = None
+    if any(v for v in args.draft_vocab):
+        from jetspec_compile.drafter.data import read_sequences
+        from jetspec_compile.models import cache_dir
+        records = read_sequences(args.data or cache_dir() / "data" / "smollm2_selfdistill.jsonl")
     results = []
     bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")
-    for shape, budget, width, branches in configs:
+    for shape, budget, width, branches, vocab in configs:
         drafter = load_jetspec_drafter(args.drafter, model, width=width, path_branches=branches)
+        if vocab is not None:
+            ids = frequent_tokens(records, vocab, always=[tok.eos_token_id]) if vocab else None
+            drafter = JetSpecDrafter(drafter.model.restrict_vocab(ids), width=width, path_branches=branches)
+        vocab = drafter.model.cfg.draft_vocab_size
         spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False)
         for s, items in prompts.items():
             steps = tokens = 0
@@ -66,14 +82,16 @@ def main() -> None:
                 draft_seconds += spec.last_stats["draft_seconds"]
                 verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
-            results.append({"set": s, "shape": shape, "budget": budget, "width": width, "tau": tokens / steps,
+            results.append({"set": s, "shape": shape, "budget": budget, "width": width, "draft_vocab": vocab,
+                            "tau": tokens / steps,
                             "draft_ms": 1e3 * draft_seconds / steps, "verify_ms": 1e3 * verify_seconds / steps,
                             "identical": identical})
     bar.close()
-    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'tau':>6s} {'draft ms':>8s} {'verify ms':>9s} "
-          "identical")
+    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} {'tau':>6s} {'draft ms':>8s} "
+          f"{'verify ms':>9s} identical")
     for r in results:
-        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['tau']:6.2f} {r['draft_ms']:8.1f} "
+        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['draft_vocab'] or 'all':>6} "
+              f"{r['tau']:6.2f} {r['draft_ms']:8.1f} "
               f"{r['verify_ms']:9.1f} {r['identical']}")
     if args.json:
         with open(args.json, "w") as fh:

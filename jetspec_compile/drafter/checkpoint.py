@@ -29,7 +29,8 @@ def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        state = {k: v.detach().to(dtype).contiguous() for k, v in drafter.state_dict().items()}
+        state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+                 for k, v in drafter.state_dict().items()}  # token ids (draft_vocab) stay integers
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "jetspec-drafter"})
         (tmp / CONFIG).write_text(drafter.cfg.to_json())
         for item in (tmp, tmp / WEIGHTS, tmp / CONFIG):  # mkdtemp makes the folder private; a checkpoint is not
@@ -86,5 +87,9 @@ def load_drafter(path: str | Path, target, dtype: torch.dtype = torch.float32) -
     if missing or unexpected or bad_shapes:
         raise ValueError(f"{path / WEIGHTS} does not match its config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}, wrong shapes {sorted(bad_shapes)[:5]}")
-    drafter.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    drafter.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    vocab = drafter.draft_vocab
+    if vocab is not None and (bool(((vocab < 0) | (vocab >= cfg.vocab_size)).any()) or vocab.unique().numel() != vocab.numel()):
+        raise ValueError(f"{path / WEIGHTS} has a corrupt draft vocabulary (ids out of [0, {cfg.vocab_size}) or "
+                         "repeated); re-create it with `jetspec-compile draft-vocab`")
     return drafter.to(dtype).eval()

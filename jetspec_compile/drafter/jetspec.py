@@ -8,7 +8,8 @@ step is one callable, ``step_fn``: the PyTorch module by default, or the same st
 (``jetspec_compile.backends.onnx.OrtDraftStep``), which ``optimize(..., backend="onnxruntime")`` plugs in. With
 ``path_branches=k`` a second forward re-drafts depths 2.. for the k best depth-1 tokens, each block
 ``[root, token, MASK × (D-1)]`` (all k in one batch), so those subtrees follow their own path instead of the
-shared per-depth marginals (needs a drafter trained with ``reveal_prob > 0``).
+shared per-depth marginals (needs a drafter trained with ``reveal_prob > 0``). A drafter with a draft vocabulary
+(``ParallelDrafter.restrict_vocab``) scores only those tokens; the tree's indices are mapped back to token ids.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class JetSpecDrafter:
         self.target_hidden_size = cfg.target_hidden_size
         self.tap_layers = cfg.tap_layers
         self.step = DraftStep(self.model).eval()
+        vocab = self.model.draft_vocab
+        self._vocab = None if vocab is None else vocab.tolist()  # draft index -> token id
         self.step_fn = step_fn if step_fn is not None else self.step
         self._past: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per row, per layer (k, v) [1, H_kv, T, D]
         self._pending: list[list[torch.Tensor]] = []  # per row, tapped states [t, K*H] not yet in _past
@@ -87,8 +90,9 @@ class JetSpecDrafter:
 
     @torch.no_grad()
     def _block_logprobs(self, row: int, root: int, given: Sequence[int | None]) -> torch.Tensor:
-        """One drafter forward over ``len(given)`` blocks ``[root, g, MASK...]`` (``g=None``: all MASK) after the
-        row's context; returns log-probabilities ``[M, S, V]`` (index i = depth i + 1)."""
+        """One drafter forward over ``len(given)`` blocks ``[root, g, MASK...]`` (``g=None``: all MASK; ``g`` a
+        token id) after the row's context; returns log-probabilities ``[M, S, V]`` (index i = depth i + 1; over
+        the draft vocabulary's ``V'`` entries if the drafter has one)."""
         cfg = self.model.cfg
         p, s, m = self._length[row], cfg.block_size, len(given)
         device = self.model.fc.weight.device
@@ -123,8 +127,12 @@ class JetSpecDrafter:
             k = min(self.path_branches, self.width, budget - 1)
             if k > 0 and self.max_depth > 1:
                 firsts = logprobs[0].topk(k).indices.tolist()
+                if self._vocab is not None:
+                    firsts = [self._vocab[i] for i in firsts]
                 again = self._block_logprobs(row, root, firsts)  # [k, S, V]
                 branches = {rank: again[rank, 1:self.max_depth] for rank in range(k)}
             tokens, tree = best_first_tree(root, logprobs, budget, self.width, branches)
+            if self._vocab is not None:
+                tokens = (root,) + tuple(self._vocab[i] for i in tokens[1:])
             out.append(DraftTree(tokens, tree))
         return out

@@ -38,6 +38,10 @@ class DrafterConfig:
         block_size: anchor + (block_size - 1) mask positions; one forward drafts ``block_size`` depths.
         rope_theta, rms_norm_eps: rotary base and norm epsilon.
         target_name: free-form name of the target (reported in errors).
+        draft_vocab_size: 0 drafts over the whole vocabulary; ``n > 0``: the drafter proposes only the ``n``
+            tokens in its ``draft_vocab`` buffer (frequent tokens of the target's own outputs, see
+            :func:`~jetspec_compile.drafter.vocab.frequent_tokens`), and its LM head multiplies by those rows
+            only. Lossless either way: any draft is verified by the target.
     """
 
     target_hidden_size: int
@@ -53,6 +57,7 @@ class DrafterConfig:
     rope_theta: float = 100000.0
     rms_norm_eps: float = 1e-5
     target_name: str = ""
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tap_layers", tuple(int(i) for i in self.tap_layers))
@@ -62,6 +67,8 @@ class DrafterConfig:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if not self.tap_layers:
             raise ValueError("a drafter needs at least one tapped target layer")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must lie in [0, vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
 
     @property
     def depth(self) -> int:
@@ -178,6 +185,8 @@ class ParallelDrafter(nn.Module):
         self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self._shared = (embed, lm_head)  # a tuple keeps them out of state_dict / parameters()
+        # token ids the drafter proposes (saved with it; None: all), see DrafterConfig.draft_vocab_size
+        self.register_buffer("draft_vocab", torch.arange(cfg.draft_vocab_size) if cfg.draft_vocab_size else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -201,6 +210,31 @@ class ParallelDrafter(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self._shared[1]
+
+    def head_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight (and bias) rows of the draft vocabulary (the whole head without one)."""
+        weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+        if self.draft_vocab is None:
+            return weight, bias
+        return weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+
+    def restrict_vocab(self, token_ids) -> "ParallelDrafter":
+        """A copy of this drafter that drafts only ``token_ids`` (same weights; its LM head is that many rows).
+        ``None`` or an empty list gives a copy over the whole vocabulary."""
+        ids = torch.as_tensor([] if token_ids is None else token_ids, dtype=torch.long).flatten()
+        if ids.numel():
+            if bool(((ids < 0) | (ids >= self.cfg.vocab_size)).any()):
+                raise ValueError(f"draft vocabulary ids must lie in [0, {self.cfg.vocab_size})")
+            if ids.unique().numel() != ids.numel():
+                raise ValueError("draft vocabulary ids must be distinct")
+        cfg = dataclasses.replace(self.cfg, draft_vocab_size=int(ids.numel()))
+        other = ParallelDrafter(cfg, self.embed, self.lm_head)
+        state = {k: v for k, v in self.state_dict().items() if k != "draft_vocab"}
+        if ids.numel():
+            state["draft_vocab"] = ids
+        other.load_state_dict(state)
+        p = self.fc.weight
+        return other.to(device=p.device, dtype=p.dtype).train(self.training)
 
     def fuse(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tapped target hidden states ``[B, T, K*H]`` → fused context ``[B, T, H]``."""
@@ -227,16 +261,19 @@ class ParallelDrafter(nn.Module):
             masks = torch.where(known[..., None], tokens, masks)
         return torch.cat([emb[:, :, None], masks], dim=2).reshape(b, m * s, -1)  # no in-place: exportable
 
-    def forward(self, anchors, block_positions, ctx_kv, mask, revealed=None) -> torch.Tensor:
+    def forward(self, anchors, block_positions, ctx_kv, mask, revealed=None, head=None) -> torch.Tensor:
         """Draft logits for every block position.
 
         anchors: [B, M] anchor tokens; block_positions: [B, M * S]; ctx_kv: per layer (k, v) [B, H_kv, T, D];
         mask: additive [B or 1, 1, M * S, T + M * S]; revealed: optional [B, M, S - 1] known tokens at block
-        positions 1.. (``-1`` = MASK). Returns logits [B, M, S, V] (index i predicts depth i+1).
+        positions 1.. (``-1`` = MASK); head: optional ``(weight [V', H], bias)`` in place of the full LM head
+        (the draft vocabulary's rows, :meth:`head_rows`). Returns logits [B, M, S, V or V'] (index i predicts
+        depth i+1). Training uses the full head.
         """
         x = self.block_states(anchors, revealed)
         for layer, (k, v) in zip(self.layers, ctx_kv):
             x = layer(x, block_positions, k, v, mask)
-        logits = self.lm_head(self.norm(x).to(self.lm_head.weight.dtype))
+        h = self.norm(x).to(self.lm_head.weight.dtype)
+        logits = self.lm_head(h) if head is None else F.linear(h, head[0], head[1])
         b, m = anchors.shape
         return logits.view(b, m, self.cfg.block_size, -1)

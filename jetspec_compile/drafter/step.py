@@ -38,7 +38,8 @@ class DraftStep(nn.Module):
         revealed: [1, M, S-1] tokens given at block positions 1.. (``-1``: MASK, see ``block_states``);
         block_positions: [1, M*S] positions of the block tokens (``T + t .. T + t + S - 1`` per block);
         past: per drafter layer ``(k, v)`` [1, H_kv, T, D], the cached context keys/values (T may be 0).
-    Returns ``(logprobs [M, S, V] float32, [(k, v) [1, H_kv, t, D] per layer])``.
+    Returns ``(logprobs [M, S, V] float32, [(k, v) [1, H_kv, t, D] per layer])``; with a draft vocabulary
+    (``DrafterConfig.draft_vocab_size``) the last axis is its ``V'`` entries, in ``model.draft_vocab`` order.
     """
 
     def __init__(self, model: ParallelDrafter):
@@ -48,6 +49,12 @@ class DraftStep(nn.Module):
         # so that an export sees one parameter per weight: unregistered, each use is lifted as its own constant
         # (the SmolLM2 drafter file held the 113 MB tied embedding three times).
         self.embed, self.lm_head = model.embed, model.lm_head
+        weight = bias = None
+        if model.draft_vocab is not None:  # the draft vocabulary's head rows, gathered once
+            weight, bias = (None if t is None else t.detach().clone() for t in model.head_rows())
+            del self.lm_head  # unused: an export would otherwise carry the whole head
+        self.register_buffer("head_weight", weight, persistent=False)
+        self.register_buffer("head_bias", bias, persistent=False)
 
     def forward(self, hidden, positions, anchors, revealed, block_positions, past):
         new = self.model.context_kv(hidden, positions)
@@ -57,5 +64,6 @@ class DraftStep(nn.Module):
         # TensorRT's ONNX parser lacks); no row is fully masked (every block token sees itself), so -inf is safe
         mask = torch.zeros(visible.shape, dtype=kv[0][0].dtype, device=hidden.device).masked_fill(~visible,
                                                                                                 float("-inf"))
-        logits = self.model(anchors, block_positions, kv, mask, revealed)  # [1, M, S, V]
+        head = None if self.head_weight is None else (self.head_weight, self.head_bias)
+        logits = self.model(anchors, block_positions, kv, mask, revealed, head)  # [1, M, S, V or V']
         return logits[0].float().log_softmax(-1), new

@@ -96,6 +96,18 @@ def test_onnxruntime_drafter_step_equals_pytorch_at_every_context_length(tmp_pat
             torch.testing.assert_close(av, ev, atol=1e-5, rtol=1e-5)
 
 
+def test_drafter_with_a_draft_vocabulary_exports_only_its_head_rows(tmp_path):
+    _, net = tiny_jetspec()
+    small = net.restrict_vocab(list(range(3, VOCAB, 3)))
+    path = export_drafter_onnx(small, tmp_path / "draft.onnx")  # checked against PyTorch inside
+    inputs = _draft_inputs(small, 7, 2, 2, seed=3)
+    with torch.no_grad():
+        expected, _ = DraftStep(small)(**inputs)
+    actual, _ = OrtDraftStep(path)(**inputs)
+    assert actual.shape == (2, net.cfg.block_size, small.cfg.draft_vocab_size)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_onnxruntime_runs_verify_and_drafter_steps_and_stays_lossless():
     target, net = tiny_jetspec()
     spec = js.attach_drafter(target, JetSpecDrafter(net, width=3), backend="onnxruntime", budget=8,
