@@ -1,6 +1,7 @@
 """The ``jetspec-compile`` command line: train a drafter, check losslessness, benchmark.
 
     jetspec-compile train-drafter --model smollm2 --out drafters/smollm2
+    jetspec-compile draft-vocab --drafter drafters/smollm2/drafter --size 4096
     jetspec-compile check --model smollm2 --drafter drafters/smollm2
     jetspec-compile bench --model smollm2 --drafter drafters/smollm2 --prompts humaneval gsm
     jetspec-compile export-trt --model smollm2 --drafter smollm2 --out engines/
@@ -33,6 +34,7 @@ def cmd_train(args) -> None:
     import torch
 
     from .drafter.data import read_sequences, regenerate
+    from .drafter import save_drafter
     from .drafter.model import DrafterConfig
     from .drafter.train import TrainConfig, compute_features, evaluate, train_drafter
     from .models import cache_dir
@@ -60,7 +62,39 @@ def cmd_train(args) -> None:
                        sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob)
     drafter = train_drafter(model, feats[n_eval:], dcfg, tcfg, out, resume=not args.restart,
                             eval_features=feats[:n_eval], init_checkpoint=args.init_from)
-    print(f"saved {out / 'drafter'}; held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
+    print(f"held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
+    if args.draft_vocab:
+        drafter = _with_draft_vocab(drafter, records, args.draft_vocab, tok)
+    save_drafter(drafter, out / "drafter")
+    print(f"saved {out / 'drafter'} (draft vocabulary: {drafter.cfg.draft_vocab_size or 'all'} tokens)")
+
+
+def _with_draft_vocab(drafter, records, size: int, tok):
+    from .drafter.vocab import frequent_tokens
+
+    eos = [tok.eos_token_id] if tok is not None and tok.eos_token_id is not None else []
+    return drafter.restrict_vocab(frequent_tokens(records, size, always=eos))
+
+
+def cmd_draft_vocab(args) -> None:
+    from .drafter import load_drafter, save_drafter, shipped_drafter_path
+    from .drafter.data import read_sequences
+    from .models import cache_dir
+
+    model, tok = load_target(args.model)
+    path = Path(args.drafter)
+    if args.drafter == "smollm2" and not path.exists():
+        path = shipped_drafter_path("smollm2")
+    data = Path(args.data) if args.data else cache_dir() / "data" / f"{Path(args.model).name}_selfdistill.jsonl"
+    records = read_sequences(data)
+    if not records and args.size:
+        raise SystemExit(f"no self-distillation data at {data}: run `jetspec-compile train-drafter` first or pass --data")
+    drafter = load_drafter(path, model).restrict_vocab(None)
+    if args.size:
+        drafter = _with_draft_vocab(drafter, records, args.size, tok)
+    out = Path(args.out) if args.out else path
+    save_drafter(drafter, out)
+    print(f"saved {out} (draft vocabulary: {drafter.cfg.draft_vocab_size or 'all'} tokens)")
 
 
 def cmd_check(args) -> None:
@@ -149,10 +183,21 @@ def main(argv=None) -> None:
     tr.add_argument("--reveal-prob", type=float, default=0.25,
                     help="share of blocks trained with their first 1-2 path tokens given (path-conditioned trees)")
     tr.add_argument("--init-from", help="continue from this drafter checkpoint folder (same config) on new data")
+    tr.add_argument("--draft-vocab", type=int, default=4096,
+                    help="draft only the N most frequent tokens of the target's responses (0: all; see draft-vocab)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=2)
     tr.add_argument("--restart", action="store_true", help="ignore an existing train state in --out")
     tr.set_defaults(func=cmd_train)
+
+    dv = sub.add_parser("draft-vocab", help="set a drafter's draft vocabulary: the N most frequent tokens of the "
+                        "target's self-distilled responses (a cheaper drafter head, same output)")
+    dv.add_argument("--drafter", required=True, help="drafter checkpoint folder ('smollm2': the shipped one)")
+    dv.add_argument("--size", type=int, required=True, help="tokens to keep (0: the whole vocabulary again)")
+    dv.add_argument("--model", default="smollm2", help="the drafter's target")
+    dv.add_argument("--data", help="self-distillation JSONL (default: <cache>/data/<model name>_selfdistill.jsonl)")
+    dv.add_argument("--out", help="write here instead of replacing --drafter")
+    dv.set_defaults(func=cmd_draft_vocab)
 
     ck = sub.add_parser("check", help="check that speculative greedy output equals plain greedy decoding")
     ck.add_argument("--model", default="smollm2")

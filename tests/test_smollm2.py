@@ -100,3 +100,20 @@ def test_shipped_drafter_is_lossless_on_held_out_prompts_and_beats_chance(smollm
         steps += sum(hist.values())
         accepted += sum(k * v for k, v in hist.items())
     assert accepted / steps > 1.5  # a broken or foreign checkpoint gives ~1.0
+    assert spec.drafter.model.cfg.draft_vocab_size == 4096  # the shipped drafter drafts its frequent tokens
+
+
+def test_draft_vocab_command_rewrites_a_checkpoint(smollm2, tmp_path):
+    import json
+
+    from jetspec_compile.cli import main
+    from jetspec_compile.drafter import load_drafter
+
+    model, tok = smollm2
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"set": "x", "prompt_ids": [5, 6], "response_ids": [10, 11, 11, 12, 12, 12]}) + "\n")
+    main(["draft-vocab", "--drafter", "smollm2", "--size", "3", "--data", str(data), "--out", str(tmp_path / "d")])
+    small = load_drafter(tmp_path / "d", model)
+    assert small.draft_vocab.tolist() == [tok.eos_token_id, 12, 11]  # EOS always, then by count
+    main(["draft-vocab", "--drafter", str(tmp_path / "d"), "--size", "0", "--data", str(data)])
+    assert load_drafter(tmp_path / "d", model).draft_vocab is None

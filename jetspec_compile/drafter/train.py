@@ -209,7 +209,7 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
     drafter = ParallelDrafter(drafter_cfg, target.get_input_embeddings(), target.get_output_embeddings())
     if init_checkpoint is not None:
         from .checkpoint import load_drafter
-        start = load_drafter(init_checkpoint, target)
+        start = load_drafter(init_checkpoint, target).restrict_vocab(None)  # trained over the whole vocabulary
         if dataclasses.replace(start.cfg, target_name=drafter_cfg.target_name) != drafter_cfg:
             raise ValueError(f"{init_checkpoint} has config {start.cfg}, this run asks for {drafter_cfg}; "
                              "continue with the same layers, block size and taps, or train from scratch")
