@@ -6,16 +6,21 @@ costs about as much as reading it: on a 2-core Xeon, verifying 8 nodes of SmolLM
 time of one decoding token (``benchmarks/bench_verify.py``). This pass packs each weight once, for the graph's
 static row count, into MKL's GEMM layout (``torch.ops.mkl._mkl_reorder_linear_weight``) and calls
 ``torch.ops.mkl._mkl_linear`` instead — what Inductor's CPU weight prepacking does under ``freezing``, here for
-the eager backend without a compile. The packed copy is specific to the row count: it costs one extra copy of the
-packed weights per graph (each tree budget), so the pass only runs where it pays (fp32 CPU weights, MKL built in,
-``B*N <= MAX_ROWS``) and leaves other graphs untouched. ``_mkl_linear`` falls back to the plain weight if the row
-count ever differs, so a wrong guess costs speed, never correctness.
+the eager backend without a compile. The pass only runs where it pays (fp32 CPU weights, MKL built in,
+``B*N <= MAX_ROWS``) and leaves other graphs untouched.
+
+Memory: one packed copy per weight, shared by every graph of the model (each tree budget). ``_mkl_linear`` takes
+the row count the weight was packed for; MKL's packed B layout does not depend on it in practice, but that is not
+a documented promise, so a packed copy is reused for another row count only after one multiplication at that
+count matched the plain weight (else the weight is packed again for it).
 
 A lowering pass of the eager backend only: exported graphs (AOTI, ONNX) cannot carry the opaque packed tensors,
 and Inductor packs for itself.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import fx
@@ -32,6 +37,35 @@ MAX_ROWS = 64
 def prepack_supported() -> bool:
     """Whether this PyTorch build can run MKL-packed linears (an x86 build with MKL)."""
     return bool(getattr(torch._C, "has_mkl", False)) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+#: id(weight) -> (weak reference, its version counter, {row count: packed}) — shared by every graph of a model,
+#: dropped with the weight (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
+_PACKED: dict[int, tuple[weakref.ref, int, dict[int, torch.Tensor]]] = {}
+
+
+def _packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` packed for ``rows``-row products: a copy packed earlier (for another row count) if it computes
+    the same at ``rows``, else a new one."""
+    ref, version, by_rows = _PACKED.get(id(weight), (None, None, {}))
+    if ref is None or ref() is not weight or version != weight._version:  # new, or changed in place since
+        by_rows = {}
+        if ref is None or ref() is not weight:
+            weakref.finalize(weight, _PACKED.pop, id(weight), None)
+        _PACKED[id(weight)] = (weakref.ref(weight), weight._version, by_rows)
+    if rows in by_rows:
+        return by_rows[rows]
+    w = weight.detach()
+    with torch.no_grad():
+        x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows), dtype=w.dtype)
+        expected = x @ w.t()
+        tol = 1e-4 * float(expected.abs().max().clamp(min=1))
+        for packed in dict.fromkeys(by_rows.values()):
+            if torch.allclose(torch.ops.mkl._mkl_linear(x, packed, w, None, rows), expected, rtol=0, atol=tol):
+                by_rows[rows] = packed
+                return packed
+        by_rows[rows] = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    return by_rows[rows]
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -68,8 +102,7 @@ def prepack_linear_weights(step) -> PassResult:
         name = packed_by_weight.get(weight.target)
         if name is None:
             name = f"_jetspec_packed_{len(packed_by_weight)}"
-            with torch.no_grad():
-                gm.register_buffer(name, torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows), persistent=False)
+            gm.register_buffer(name, _packed(w, rows), persistent=False)
             packed_by_weight[weight.target] = name
         with gm.graph.inserting_before(node):
             packed = gm.graph.get_attr(name)

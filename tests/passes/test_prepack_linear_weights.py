@@ -60,3 +60,24 @@ def test_shared_weights_are_packed_once():
     packed = [n.args[1].target for n in gm.graph.nodes if n.op == "call_function" and n.target is MKL_LINEAR]
     assert stats["linears_prepacked"] == len(packed) == 3 * 7 + 1
     assert stats["weights_packed"] == len(set(packed)) == len(packed) - 3
+
+
+def test_graphs_of_one_model_share_packed_weights_and_repack_after_an_update():
+    model = make_model("llama")
+    small, _ = build_verify_step(model, num_nodes=4)
+    large, _ = build_verify_step(model, num_nodes=12)
+    for step in (small, large):
+        prepack_linear_weights(step)
+    packed = lambda step: dict(step.graph_module.named_buffers())  # noqa: E731
+    a, b = packed(small), packed(large)
+    names = [k for k in a if k.startswith("_jetspec_packed_")]
+    assert names and all(a[k] is b[k] for k in names)  # one packed copy per weight, reused (checked) at 12 rows
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)  # an in-place update must not run against the stale packed copy
+    again, _ = build_verify_step(model, num_nodes=4)
+    prepack_linear_weights(again)
+    x = torch.randn(1, 4, model.config.hidden_size)
+    node = next(n for n in again.graph_module.graph.nodes if n.op == "call_function" and n.target is MKL_LINEAR
+                and n.args[2].target.endswith("lm_head.weight"))
+    out = MKL_LINEAR(x, getattr(again.graph_module, node.args[1].target), model.lm_head.weight, None, 4)
+    torch.testing.assert_close(out, x @ model.lm_head.weight.t(), atol=1e-4, rtol=1e-4)
