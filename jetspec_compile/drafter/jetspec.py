@@ -10,6 +10,9 @@ step is one callable, ``step_fn``: the PyTorch module by default, or the same st
 ``[root, token, MASK × (D-1)]`` (all k in one batch), so those subtrees follow their own path instead of the
 shared per-depth marginals (needs a drafter trained with ``reveal_prob > 0``). A drafter with a draft vocabulary
 (``ParallelDrafter.restrict_vocab``) scores only those tokens; the tree's indices are mapped back to token ids.
+With ``lookup_nodes=n``, prompt-lookup continuations (an :class:`~jetspec_compile.drafter.ngram.NGramDrafter` over
+the context, n-grams of 2-3 tokens) are grafted into the tree, up to ``n`` nodes of the same budget, whenever the
+context repeats: text the drafter has no reason to predict (an identifier from the prompt) costs no extra forward.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Callable, Sequence
 import torch
 
 from .model import ParallelDrafter
+from .ngram import NGramDrafter
 from .protocol import DraftTree
 from .step import DraftStep
-from .tree_builder import best_first_tree
+from .tree_builder import best_first_tree, graft
 
 __all__ = ["JetSpecDrafter"]
 
@@ -37,14 +41,20 @@ class JetSpecDrafter:
         path_branches: depth-1 candidates whose subtrees are re-drafted conditioned on them (0 = off).
         step_fn: what runs a drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`
             (default: that module itself, ``self.step``).
+        lookup_nodes: nodes of each tree that prompt-lookup continuations may take (0 = off).
     """
 
     needs_hidden = True
 
     def __init__(self, model: ParallelDrafter, width: int = 4, max_depth: int | None = None,
-                 path_branches: int = 0, step_fn: Callable | None = None):
+                 path_branches: int = 0, step_fn: Callable | None = None, lookup_nodes: int = 0):
         if path_branches < 0:
             raise ValueError(f"path_branches must be >= 0, got {path_branches}")
+        if lookup_nodes < 0:
+            raise ValueError(f"lookup_nodes must be >= 0, got {lookup_nodes}")
+        self.lookup_nodes = lookup_nodes
+        self.lookup = NGramDrafter(max_ngram=3, min_ngram=2, continuation=lookup_nodes, max_matches=2) \
+            if lookup_nodes else None
         self.model = model.eval()
         self.width = width
         self.path_branches = path_branches
@@ -66,6 +76,7 @@ class JetSpecDrafter:
         clone = copy.copy(self)
         clone.step_fn = step_fn
         clone._past, clone._pending, clone._length = [], [], []
+        clone.lookup = copy.deepcopy(self.lookup)
         return clone
 
     def _append(self, row: int, hidden: torch.Tensor) -> None:
@@ -83,10 +94,14 @@ class JetSpecDrafter:
         self._length = [0] * len(prompts)
         for row, h in enumerate(hidden):
             self._append(row, h)
+        if self.lookup is not None:
+            self.lookup.begin(prompts)
 
     def advance(self, accepted, hidden) -> None:
         for row, h in enumerate(hidden):
             self._append(row, h)
+        if self.lookup is not None:
+            self.lookup.advance(accepted)
 
     @torch.no_grad()
     def _block_logprobs(self, row: int, root: int, given: Sequence[int | None]) -> torch.Tensor:
@@ -120,6 +135,7 @@ class JetSpecDrafter:
 
     def draft(self, roots: Sequence[int], budget: int) -> list[DraftTree]:
         out = []
+        extras = self.lookup.draft(roots, self.lookup_nodes + 1) if self.lookup is not None and budget > 1 else None
         for row, root in enumerate(roots):
             root = int(root)
             logprobs = self.depth_logprobs(row, root)
@@ -134,5 +150,7 @@ class JetSpecDrafter:
             tokens, tree = best_first_tree(root, logprobs, budget, self.width, branches)
             if self._vocab is not None:
                 tokens = (root,) + tuple(self._vocab[i] for i in tokens[1:])
+            if extras is not None and len(extras[row].tokens) > 1:
+                tokens, tree = graft(tokens, tree, extras[row].tokens, extras[row].tree, budget)
             out.append(DraftTree(tokens, tree))
         return out

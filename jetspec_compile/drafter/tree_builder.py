@@ -9,17 +9,21 @@ exist. Every parent at depth ``d`` draws its children from the same top-``width`
 Path-conditioned branches go one step further: ``branches[r]`` holds the depth-2.. distributions re-drafted with
 the rank-``r`` depth-1 token given (a second drafter pass), and the subtree under that depth-1 node draws from
 them instead of the shared marginals.
+
+:func:`graft` merges a second tree into a drafted one within the same budget (prompt-lookup continuations
+added to the drafter's tree).
 """
 
 from __future__ import annotations
 
 import heapq
+from typing import Sequence
 
 import torch
 
 from ..tree import TreeSpec
 
-__all__ = ["best_first_tree"]
+__all__ = ["best_first_tree", "graft"]
 
 
 def best_first_tree(root: int, logprobs: torch.Tensor, budget: int, width: int,
@@ -65,3 +69,40 @@ def best_first_tree(root: int, logprobs: torch.Tensor, budget: int, width: int,
         if rank + 1 < width:
             heapq.heappush(heap, (neg + values[rank] - values[rank + 1], path[:-1] + (rank + 1,)))
     return tuple(tokens), TreeSpec(tuple(parents))
+
+
+def graft(tokens: Sequence[int], tree: TreeSpec, extra_tokens: Sequence[int], extra: TreeSpec,
+          budget: int) -> tuple[tuple[int, ...], TreeSpec]:
+    """Merge tree ``extra`` (same root) into ``(tokens, tree)``, keeping at most ``budget`` nodes.
+
+    ``extra``'s nodes that the tree already has (same token under the same parent) are shared; the others are
+    appended after the tree's nodes. To make room, the tree is cut to a prefix of its nodes first (a best-first
+    tree's prefix is the tree a smaller budget would have built), and ``extra``'s nodes that still do not fit are
+    dropped (with their subtrees). Node 0 stays the root; parents stay before children.
+    """
+    if extra_tokens and tokens and extra_tokens[0] != tokens[0]:
+        raise ValueError(f"cannot graft a tree rooted at {extra_tokens[0]} onto one rooted at {tokens[0]}")
+
+    def walk(keep: int, limit: int):
+        out_tokens, out_parents = list(tokens[:keep]), list(tree.parents[:keep])
+        children = {(p, t): i for i, (p, t) in enumerate(zip(out_parents, out_tokens)) if p >= 0}
+        where = {0: 0}  # extra node -> merged node
+        added = 0
+        for node in range(1, len(extra_tokens)):
+            parent = where.get(extra.parents[node])
+            if parent is None:
+                continue
+            key = (parent, int(extra_tokens[node]))
+            if key in children:
+                where[node] = children[key]
+            elif len(out_tokens) < limit:
+                where[node] = children[key] = len(out_tokens)
+                out_parents.append(parent)
+                out_tokens.append(key[1])
+                added += 1
+        return out_tokens, out_parents, added
+
+    _, _, needed = walk(len(tokens), len(tokens) + len(extra_tokens))  # new nodes extra needs against the whole tree
+    keep = max(1, min(len(tokens), budget - needed))
+    out_tokens, out_parents, _ = walk(keep, budget)
+    return tuple(out_tokens), TreeSpec(tuple(out_parents))

@@ -28,7 +28,7 @@ class BudgetController:
         probe_every: steps between probes of the largest budget while a smaller one is winning.
     """
 
-    def __init__(self, budgets, decay: float = 0.8, probe_every: int = 12):
+    def __init__(self, budgets, decay: float = 0.8, probe_every: int = 4):
         self.budgets = tuple(sorted(set(budgets)))
         self.decay, self.probe_every = decay, probe_every
         self.tau: dict[int, float | None] = {b: (1.0 if b == 1 else None) for b in self.budgets}

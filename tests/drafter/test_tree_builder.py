@@ -78,3 +78,50 @@ def test_path_conditioned_subtrees_draw_from_their_own_branch():
         for tok in table.topk(3).indices.tolist():
             if (node, tok) not in kept_children:
                 assert base + float(table[tok]) <= worst_kept + 1e-6
+
+
+def _paths(tokens, tree):
+    """Every node's token path from the root (the tree as a set of sequences)."""
+    return {tuple(tokens[i] for i in path_to(tree, node)) for node in range(len(tree))}
+
+
+def test_graft_shares_common_prefixes_and_keeps_the_budget():
+    from jetspec_compile.drafter.tree_builder import graft
+    from jetspec_compile.tree import TreeSpec
+
+    # drafter tree: 9 -> {4 -> 5, 6}; lookup: 9 -> 4 -> 7 -> 8 (shares 9 -> 4)
+    tokens, tree = (9, 4, 6, 5), TreeSpec((-1, 0, 0, 1))
+    extra_tokens, extra = (9, 4, 7, 8), TreeSpec((-1, 0, 1, 2))
+    merged, mtree = graft(tokens, tree, extra_tokens, extra, budget=6)
+    assert len(merged) == 6 and _paths(merged, mtree) == _paths(tokens, tree) | {(9, 4, 7), (9, 4, 7, 8)}
+    # budget 5: the drafter tree gives up its last node (5) for the lookup path
+    merged, mtree = graft(tokens, tree, extra_tokens, extra, budget=5)
+    assert _paths(merged, mtree) == {(9,), (9, 4), (9, 6), (9, 4, 7), (9, 4, 7, 8)}
+    # every parent precedes its children and sibling tokens stay distinct (DraftTree checks both)
+    from jetspec_compile.drafter import DraftTree
+    DraftTree(merged, mtree)
+    # an extra tree that is already inside the drafted one adds nothing
+    same, stree = graft(tokens, tree, (9, 4, 5), TreeSpec((-1, 0, 1)), budget=4)
+    assert same == tokens and stree == tree
+    with pytest.raises(ValueError, match="rooted"):
+        graft(tokens, tree, (3, 4), TreeSpec((-1, 0)), budget=4)
+
+
+def test_lookup_nodes_draft_repeated_context_and_stay_lossless():
+    import jetspec_compile as js
+    from jetspec_compile.drafter import JetSpecDrafter
+    from tests.drafter.test_model import tiny_drafter
+    from tests.families import VOCAB
+
+    target, net = tiny_drafter()
+    runtime = JetSpecDrafter(net, width=2, lookup_nodes=4)
+    context = [11, 12, 13, 14, 15, 16, 17, 11, 12]
+    runtime.begin([context], [torch.randn(len(context), 2 * target.config.hidden_size)])
+    (tree,) = runtime.draft([13], budget=8)  # "...11 12 | 13" was followed by 14 15 16 17 before
+    assert (13, 14, 15, 16, 17) in _paths(tree.tokens, tree.tree) and len(tree.tokens) <= 8
+    spec = js.attach_drafter(target, JetSpecDrafter(net, width=2, lookup_nodes=4), budget=8, max_cache_len=128)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]])
+    expected = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
+    assert torch.equal(spec.generate(ids, max_new_tokens=30), expected)
+    clone = spec.runtime_drafter()
+    assert clone.lookup is not None
