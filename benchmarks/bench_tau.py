@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--path-branches", type=int, default=3, help="depth-1 branches re-drafted (0: skip 'path')")
     ap.add_argument("--shapes", nargs="+", default=["chain", "tree", "path"], choices=["chain", "tree", "path"])
-    ap.add_argument("--lookup-nodes", type=int, nargs="+", default=[0],
+    ap.add_argument("--lookup-nodes", type=int, nargs="+", default=[6],
                     help="prompt-lookup nodes grafted into each tree (0: off); several values are compared")
     ap.add_argument("--draft-vocab", type=int, nargs="+", default=[None],
                     help="draft vocabulary sizes to compare (0: the whole vocabulary; default: the checkpoint's); "
@@ -52,7 +52,8 @@ def main() -> None:
     configs = [("chain", b, 1, 0) for b in args.budgets if b <= 9] + [("tree", b, 4, 0) for b in args.budgets]
     if args.path_branches:
         configs += [("path", b, 4, args.path_branches) for b in args.budgets]
-    configs = [c + (v, n) for c in configs if c[0] in args.shapes for v in args.draft_vocab for n in args.lookup_nodes]
+    configs = [c + (v, n) for c in configs if c[0] in args.shapes
+               for v in args.draft_vocab for n in args.lookup_nodes]
     records = None
     if any(v for v in args.draft_vocab):
         from jetspec_compile.drafter.data import read_sequences
@@ -85,17 +86,16 @@ def main() -> None:
                 draft_seconds += spec.last_stats["draft_seconds"]
                 verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
-            results.append({"set": s, "shape": shape, "budget": budget, "width": width, "draft_vocab": vocab, "lookup_nodes": lookup,
-                            "tau": tokens / steps,
+            results.append({"set": s, "shape": shape, "budget": budget, "width": width, "draft_vocab": vocab,
+                            "lookup_nodes": lookup, "tau": tokens / steps,
                             "draft_ms": 1e3 * draft_seconds / steps, "verify_ms": 1e3 * verify_seconds / steps,
                             "identical": identical})
     bar.close()
-    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} {'lookup':>6s} {'tau':>6s} {'draft ms':>8s} "
-          f"{'verify ms':>9s} identical")
+    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} {'lookup':>6s} {'tau':>6s} "
+          f"{'draft ms':>8s} {'verify ms':>9s} identical")
     for r in results:
-        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['draft_vocab'] or 'all':>6} {r['lookup_nodes']:6d} "
-              f"{r['tau']:6.2f} {r['draft_ms']:8.1f} "
-              f"{r['verify_ms']:9.1f} {r['identical']}")
+        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['draft_vocab'] or 'all':>6} "
+              f"{r['lookup_nodes']:6d} {r['tau']:6.2f} {r['draft_ms']:8.1f} {r['verify_ms']:9.1f} {r['identical']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -33,7 +33,7 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--width", type=int, default=4, help="candidates per depth in the draft tree")
     ap.add_argument("--path-branches", type=int, default=0,
                     help="depth-1 branches whose subtrees are re-drafted conditioned on them (0: off)")
-    ap.add_argument("--lookup-nodes", type=int, default=0,
+    ap.add_argument("--lookup-nodes", type=int, default=6,
                     help="tree nodes prompt-lookup continuations may take from the budget (0: off)")
     ap.add_argument("--backends", nargs="+", default=["eager"],
                     help="lowering backends to run (eager inductor aoti onnxruntime); compile time is excluded "

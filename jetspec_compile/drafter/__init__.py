@@ -38,7 +38,7 @@ def shipped_drafter_path(name: str = "smollm2") -> Path:
 
 
 def load_jetspec_drafter(path, target, width: int = 4, max_depth: int | None = None,
-                         path_branches: int = 0, lookup_nodes: int = 0) -> JetSpecDrafter:
+                         path_branches: int = 0, lookup_nodes: int = 6) -> JetSpecDrafter:
     """Load a drafter checkpoint (a folder, or ``"smollm2"`` for the shipped one) ready for ``optimize``."""
     if str(path) == "smollm2" and not Path(path).exists():
         path = shipped_drafter_path("smollm2")

@@ -41,13 +41,14 @@ class JetSpecDrafter:
         path_branches: depth-1 candidates whose subtrees are re-drafted conditioned on them (0 = off).
         step_fn: what runs a drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`
             (default: that module itself, ``self.step``).
-        lookup_nodes: nodes of each tree that prompt-lookup continuations may take (0 = off).
+        lookup_nodes: nodes of each tree that prompt-lookup continuations may take (0 = off; the default 6
+            raised τ at budget 8 from 2.07 / 2.21 to 2.54 / 3.06 on held-out HumanEval / GSM, bench_tau.py).
     """
 
     needs_hidden = True
 
     def __init__(self, model: ParallelDrafter, width: int = 4, max_depth: int | None = None,
-                 path_branches: int = 0, step_fn: Callable | None = None, lookup_nodes: int = 0):
+                 path_branches: int = 0, step_fn: Callable | None = None, lookup_nodes: int = 6):
         if path_branches < 0:
             raise ValueError(f"path_branches must be >= 0, got {path_branches}")
         if lookup_nodes < 0:

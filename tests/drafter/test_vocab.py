@@ -33,7 +33,7 @@ def test_restricted_step_is_the_full_distribution_renormalised_over_the_subset()
 
 def test_drafted_tokens_come_from_the_subset_and_generation_stays_lossless():
     target, drafter = tiny_drafter()
-    runtime = JetSpecDrafter(drafter.restrict_vocab(SUBSET), width=3)
+    runtime = JetSpecDrafter(drafter.restrict_vocab(SUBSET), width=3, lookup_nodes=0)
     hidden = torch.randn(10, 2 * target.config.hidden_size)
     runtime.begin([[1] * 10], [hidden])
     (tree,) = runtime.draft([7], budget=9)
