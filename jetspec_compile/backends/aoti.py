@@ -85,6 +85,13 @@ def export_step_aoti(step, path: str | Path, *, fingerprint: str | None = None) 
     return path
 
 
+def _inductor_configs(module) -> dict:
+    """Freezing on CPU: the weights are constants of the package anyway, and Inductor then packs them for MKL's
+    GEMM (as ``lower_inductor`` does)."""
+    params = list(module.parameters()) + list(module.buffers())
+    return {"freezing": bool(params) and not any(p.is_cuda for p in params)}
+
+
 def _compile_package(module, inputs: dict, dynamic: dict, path: Path, meta: dict, what: str) -> None:
     """torch.export + AOTInductor into ``path``, written under a temporary name; the JSON beside it comes last."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=path.parent)
@@ -92,7 +99,7 @@ def _compile_package(module, inputs: dict, dynamic: dict, path: Path, meta: dict
     try:
         with torch.no_grad():
             ep = torch.export.export(module, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
-            torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+            torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=_inductor_configs(module))
         os.replace(tmp, path)
         Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))  # last: marks the package complete
     except Exception as err:
