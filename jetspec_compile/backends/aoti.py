@@ -52,9 +52,14 @@ def model_fingerprint(model, config_text: str | None = None) -> str:
     return h.hexdigest()
 
 
+#: how packages are compiled (bumped when that changes, e.g. freezing on CPU), part of every package's key so a
+#: package built the old way is compiled again instead of loaded
+PACKAGE_FORMAT = 2
+
+
 def _step_key(step, fingerprint: str) -> dict:
     kv = step.meta["kv"]
-    return {"model": fingerprint, "batch_size": step.batch_size, "num_nodes": step.num_nodes,
+    return {"model": fingerprint, "format": PACKAGE_FORMAT, "batch_size": step.batch_size, "num_nodes": step.num_nodes,
             "tap_layers": list(step.meta["tap_layers"]), "kv": {**kv, "dtype": str(kv["dtype"])},
             "torch": torch.__version__, "device": str(next(step.model.parameters()).device)}
 
@@ -172,6 +177,7 @@ def export_drafter_aoti(drafter, path: str | Path, *, fingerprint: str | None = 
     step = DraftStep(net).eval()
     inputs, dynamic = draft_step_export_spec(net)
     meta = {"kind": "draft_step", "model": fingerprint or model_fingerprint(step, net.cfg.to_json()),
+            "format": PACKAGE_FORMAT,
             "num_layers": net.cfg.num_layers, "torch": torch.__version__}
     _compile_package(step, inputs, dynamic, path, meta, f"the drafter step ({net.cfg.target_name or 'drafter'})")
     return path
@@ -202,7 +208,7 @@ def lower_drafter_aoti(drafter, artifact_dir: str | Path | None = None):
         return drafter
     folder = Path(artifact_dir) if artifact_dir is not None else cache_dir() / "aoti"
     fingerprint = model_fingerprint(DraftStep(drafter.model), drafter.model.cfg.to_json())
-    key = {"model": fingerprint, "torch": torch.__version__}
+    key = {"model": fingerprint, "format": PACKAGE_FORMAT, "torch": torch.__version__}
     path = folder / f"draft_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt2"
     meta_path = Path(str(path) + ".json")
     if not (path.exists() and meta_path.exists()

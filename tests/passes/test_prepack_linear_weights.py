@@ -7,7 +7,7 @@ import torch
 from jetspec_compile import TreeVerifier
 from jetspec_compile.backends import lower_eager
 from jetspec_compile.passes import prepack_linear_weights, prepack_supported
-from jetspec_compile.passes.prepack_linear_weights import MAX_ROWS
+from jetspec_compile.passes.prepack_linear_weights import MAX_ROWS, MIN_ROWS
 from jetspec_compile.runtime.verifier import build_verify_step
 from tests.families import VOCAB, make_model
 from tests.reference import random_tree
@@ -45,6 +45,8 @@ def test_only_small_fp32_cpu_graphs_are_packed():
     step, _ = build_verify_step(model, num_nodes=MAX_ROWS + 1)  # too many rows: MKL's GEMM packs cheaply itself
     result = prepack_linear_weights(step)
     assert not result.modified and _count(step.graph_module, MKL_LINEAR) == 0
+    step, _ = build_verify_step(model, num_nodes=MIN_ROWS - 1)  # one row: MKL's GEMV needs no packing
+    assert not prepack_linear_weights(step).modified
     step, _ = build_verify_step(model.to(torch.bfloat16), num_nodes=4)  # MKL's packed GEMM is fp32 only
     assert not prepack_linear_weights(step).modified
 
@@ -62,7 +64,7 @@ def test_shared_weights_are_packed_once():
     assert stats["weights_packed"] == len(set(packed)) == len(packed) - 3
 
 
-def test_graphs_of_one_model_share_packed_weights_and_repack_after_an_update():
+def test_graphs_of_one_row_count_share_packed_weights_and_repack_after_an_update():
     model = make_model("llama")
     small, _ = build_verify_step(model, num_nodes=4)
     large, _ = build_verify_step(model, num_nodes=12)
@@ -71,7 +73,10 @@ def test_graphs_of_one_model_share_packed_weights_and_repack_after_an_update():
     packed = lambda step: dict(step.graph_module.named_buffers())  # noqa: E731
     a, b = packed(small), packed(large)
     names = [k for k in a if k.startswith("_jetspec_packed_")]
-    assert names and all(a[k] is b[k] for k in names)  # one packed copy per weight, reused (checked) at 12 rows
+    assert names and not any(a[k] is b[k] for k in names)  # packed per row count (another count runs unpacked-slow)
+    twin, _ = build_verify_step(model, num_nodes=12)
+    prepack_linear_weights(twin)
+    assert all(packed(twin)[k] is b[k] for k in names)  # the same row count shares one copy
     with torch.no_grad():
         model.lm_head.weight.mul_(0.5)  # an in-place update must not run against the stale packed copy
     again, _ = build_verify_step(model, num_nodes=4)
