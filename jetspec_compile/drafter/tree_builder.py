@@ -76,9 +76,11 @@ def graft(tokens: Sequence[int], tree: TreeSpec, extra_tokens: Sequence[int], ex
     """Merge tree ``extra`` (same root) into ``(tokens, tree)``, keeping at most ``budget`` nodes.
 
     ``extra``'s nodes that the tree already has (same token under the same parent) are shared; the others are
-    appended after the tree's nodes. To make room, the tree is cut to a prefix of its nodes first (a best-first
-    tree's prefix is the tree a smaller budget would have built), and ``extra``'s nodes that still do not fit are
-    dropped (with their subtrees). Node 0 stays the root; parents stay before children.
+    added. To make room, the tree is cut to a prefix of its nodes first (a best-first tree's prefix is the tree a
+    smaller budget would have built), and ``extra``'s nodes that still do not fit are dropped (with their
+    subtrees). In the result ``extra``'s nodes come first (after the root), then the tree's in their order, so a
+    prefix of the merged tree is again what a smaller budget would have drafted (the budget controller reads
+    ``τ`` of smaller budgets from prefixes). Node 0 stays the root; parents stay before children.
     """
     if extra_tokens and tokens and extra_tokens[0] != tokens[0]:
         raise ValueError(f"cannot graft a tree rooted at {extra_tokens[0]} onto one rooted at {tokens[0]}")
@@ -100,9 +102,13 @@ def graft(tokens: Sequence[int], tree: TreeSpec, extra_tokens: Sequence[int], ex
                 out_parents.append(parent)
                 out_tokens.append(key[1])
                 added += 1
-        return out_tokens, out_parents, added
+        return out_tokens, out_parents, added, where
 
-    _, _, needed = walk(len(tokens), len(tokens) + len(extra_tokens))  # new nodes extra needs against the whole tree
+    _, _, needed, _ = walk(len(tokens), len(tokens) + len(extra_tokens))  # new nodes extra needs against the whole tree
     keep = max(1, min(len(tokens), budget - needed))
-    out_tokens, out_parents, _ = walk(keep, budget)
-    return tuple(out_tokens), TreeSpec(tuple(out_parents))
+    out_tokens, out_parents, _, where = walk(keep, budget)
+    first = list(dict.fromkeys(where[n] for n in sorted(where)))  # root, then extra's nodes in extra's order
+    order = first + [n for n in range(len(out_tokens)) if n not in set(first)]
+    new_index = {old: new for new, old in enumerate(order)}
+    return (tuple(out_tokens[n] for n in order),
+            TreeSpec(tuple(-1 if out_parents[n] < 0 else new_index[out_parents[n]] for n in order)))

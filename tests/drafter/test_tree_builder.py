@@ -102,7 +102,11 @@ def test_graft_shares_common_prefixes_and_keeps_the_budget():
     DraftTree(merged, mtree)
     # an extra tree that is already inside the drafted one adds nothing
     same, stree = graft(tokens, tree, (9, 4, 5), TreeSpec((-1, 0, 1)), budget=4)
-    assert same == tokens and stree == tree
+    assert len(same) == 4 and _paths(same, stree) == _paths(tokens, tree)
+    # the lookup nodes come first: a prefix of the merged tree keeps them (what a smaller budget would draft)
+    merged, mtree = graft(tokens, tree, extra_tokens, extra, budget=6)
+    assert merged[:4] == (9, 4, 7, 8) and mtree.parents[:4] == (-1, 0, 1, 2)
+    assert all(p < i for i, p in enumerate(mtree.parents))
     with pytest.raises(ValueError, match="rooted"):
         graft(tokens, tree, (3, 4), TreeSpec((-1, 0)), budget=4)
 
