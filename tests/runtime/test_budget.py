@@ -30,3 +30,14 @@ def test_config_budgets():
     assert JetSpecConfig(budget=8, fallback=False).budgets == (8,)
     assert JetSpecConfig(budget="auto").budgets == (1, 4, 8, 16, 32)
     assert JetSpecConfig(budget="auto").max_budget == 32
+
+
+def test_probes_climb_one_budget_at_a_time():
+    """While budget 8 wins, probes go to 16 (the next larger), not to the expensive 32."""
+    def paths_for(b):
+        return [[0, 1, 2, 3, 5][: (5 if b >= 8 else 3 if b >= 4 else 1)]]
+
+    c = run(BudgetController((1, 4, 8, 16, 32)), 80, cost=lambda b: 0.05 + 0.004 * b, paths_for=paths_for)
+    assert c.used.most_common(1)[0][0] == 8
+    assert c.used[16] >= 80 // (c.probe_every + 1) - 2  # probed regularly
+    assert c.used[32] <= 2  # the first step (largest first), maybe one climb
