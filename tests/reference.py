@@ -75,3 +75,18 @@ def left_pad(rows):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def assert_same_tree_verify(a, b, vocab: int, nodes: int = 12, prompt_len: int = 30, seed: int = 0,
+                            tol: float = 1e-5) -> None:
+    """Two TreeVerifiers over the same model (e.g. before / after a lowering pass) give the same logits and taps
+    for one prefill and one random deep tree."""
+    rng = random.Random(seed)
+    prompt = torch.tensor([[rng.randrange(3, vocab) for _ in range(prompt_len)]])
+    for v in (a, b):
+        v.prefill(prompt)
+    tree = random_tree("deep", nodes, rng)
+    tokens = torch.tensor([[rng.randrange(3, vocab) for _ in range(nodes)]])
+    (la, ha), (lb, hb) = a.verify(tokens, tree), b.verify(tokens, tree)
+    torch.testing.assert_close(lb, la, atol=tol, rtol=tol)
+    torch.testing.assert_close(hb, ha, atol=tol, rtol=tol)

@@ -1,5 +1,4 @@
 import functools
-import random
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from jetspec_compile.passes import prepack_linear_weights, prepack_supported
 from jetspec_compile.passes.prepack_linear_weights import MAX_ROWS, MIN_ROWS
 from jetspec_compile.runtime.verifier import build_verify_step
 from tests.families import VOCAB, make_model
-from tests.reference import random_tree
+from tests.reference import assert_same_tree_verify
 
 pytestmark = pytest.mark.skipif(not prepack_supported(), reason="this PyTorch build has no MKL (not x86?)")
 
@@ -29,15 +28,7 @@ def test_packed_graph_matches_the_plain_one(family):
     linears = _count(plain.graph, torch.ops.aten.linear.default)
     assert _count(packed.graph, MKL_LINEAR) == linears
     assert _count(packed.graph, torch.ops.aten.linear.default) == 0
-    rng = random.Random(0)
-    prompt = torch.tensor([[rng.randrange(3, VOCAB) for _ in range(30)]])
-    for v in (plain, packed):
-        v.prefill(prompt)
-    tree = random_tree("deep", 12, rng)
-    tokens = torch.tensor([[rng.randrange(3, VOCAB) for _ in range(12)]])
-    (la, ha), (lb, hb) = plain.verify(tokens, tree), packed.verify(tokens, tree)
-    torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(hb, ha, atol=1e-4, rtol=1e-4)
+    assert_same_tree_verify(plain, packed, VOCAB, tol=1e-4)
 
 
 def test_only_small_fp32_cpu_graphs_are_packed():
