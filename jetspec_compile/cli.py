@@ -30,6 +30,14 @@ def load_target(name: str):
     return model, tok
 
 
+def _data_path(args) -> Path:
+    """``--data``, or the self-distillation file of ``--model``: the regenerated data belongs to the target, not
+    to one training run, so it is keyed by the model's name."""
+    from .models import cache_dir
+
+    return Path(args.data) if args.data else cache_dir() / "data" / f"{Path(args.model).name}_selfdistill.jsonl"
+
+
 def cmd_train(args) -> None:
     import torch
 
@@ -37,15 +45,13 @@ def cmd_train(args) -> None:
     from .drafter import save_drafter
     from .drafter.model import DrafterConfig
     from .drafter.train import TrainConfig, compute_features, evaluate, train_drafter
-    from .models import cache_dir
     from .passes import default_tap_layers
     from .prompts import load_jsonl, load_prompts
 
     torch.set_num_threads(args.threads)
     model, tok = load_target(args.model)
     out = Path(args.out)
-    # the regenerated data belongs to the target, not to one training run: keyed by the model's name
-    data = Path(args.data) if args.data else cache_dir() / "data" / f"{Path(args.model).name}_selfdistill.jsonl"
+    data = _data_path(args)
     prompts = []
     for name in args.prompts:
         items = load_jsonl(name, args.limit) if name.endswith(".jsonl") else load_prompts(name, "train", args.limit)
@@ -77,15 +83,12 @@ def _with_draft_vocab(drafter, records, size: int, tok):
 
 
 def cmd_draft_vocab(args) -> None:
-    from .drafter import load_drafter, save_drafter, shipped_drafter_path
+    from .drafter import drafter_folder, load_drafter, save_drafter
     from .drafter.data import read_sequences
-    from .models import cache_dir
 
     model, tok = load_target(args.model)
-    path = Path(args.drafter)
-    if args.drafter == "smollm2" and not path.exists():
-        path = shipped_drafter_path("smollm2")
-    data = Path(args.data) if args.data else cache_dir() / "data" / f"{Path(args.model).name}_selfdistill.jsonl"
+    path = drafter_folder(args.drafter)
+    data = _data_path(args)
     records = read_sequences(data)
     if not records and args.size:
         raise SystemExit(f"no self-distillation data at {data}: run `jetspec-compile train-drafter` first or pass --data")

@@ -24,6 +24,7 @@ __all__ = [
     "load_jetspec_drafter",
     "save_drafter",
     "shipped_drafter_path",
+    "drafter_folder",
 ]
 
 _SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -37,10 +38,16 @@ def shipped_drafter_path(name: str = "smollm2") -> Path:
     return path
 
 
+def drafter_folder(path) -> Path:
+    """A drafter checkpoint folder: ``path`` itself, or the shipped one for ``"smollm2"`` (unless such a local
+    folder exists)."""
+    if str(path) == "smollm2" and not Path(path).exists():
+        return shipped_drafter_path("smollm2")
+    return Path(path)
+
+
 def load_jetspec_drafter(path, target, width: int = 4, max_depth: int | None = None,
                          path_branches: int = 0, lookup_nodes: int = 6) -> JetSpecDrafter:
     """Load a drafter checkpoint (a folder, or ``"smollm2"`` for the shipped one) ready for ``optimize``."""
-    if str(path) == "smollm2" and not Path(path).exists():
-        path = shipped_drafter_path("smollm2")
-    return JetSpecDrafter(load_drafter(path, target), width=width, max_depth=max_depth, path_branches=path_branches,
+    return JetSpecDrafter(load_drafter(drafter_folder(path), target), width=width, max_depth=max_depth, path_branches=path_branches,
                           lookup_nodes=lookup_nodes)

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..capture import text_config
-from .model import DrafterConfig, ParallelDrafter
+from .model import DrafterConfig, ParallelDrafter, vocab_problem
 
 __all__ = ["save_drafter", "load_drafter", "check_drafter_fits"]
 
@@ -88,8 +88,8 @@ def load_drafter(path: str | Path, target, dtype: torch.dtype = torch.float32) -
         raise ValueError(f"{path / WEIGHTS} does not match its config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}, wrong shapes {sorted(bad_shapes)[:5]}")
     drafter.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
-    vocab = drafter.draft_vocab
-    if vocab is not None and (bool(((vocab < 0) | (vocab >= cfg.vocab_size)).any()) or vocab.unique().numel() != vocab.numel()):
-        raise ValueError(f"{path / WEIGHTS} has a corrupt draft vocabulary (ids out of [0, {cfg.vocab_size}) or "
-                         "repeated); re-create it with `jetspec-compile draft-vocab`")
+    problem = None if drafter.draft_vocab is None else vocab_problem(drafter.draft_vocab, cfg.vocab_size)
+    if problem:
+        raise ValueError(f"{path / WEIGHTS} has a corrupt draft vocabulary ({problem}); re-create it with "
+                         "`jetspec-compile draft-vocab`")
     return drafter.to(dtype).eval()

@@ -106,6 +106,15 @@ class DrafterConfig:
         return cls(**base)
 
 
+def vocab_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
+    """What is wrong with draft-vocabulary ``ids`` (out of range, repeated), or None."""
+    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+        return f"ids must lie in [0, {vocab_size})"
+    if ids.unique().numel() != ids.numel():
+        return "ids must be distinct"
+    return None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -222,11 +231,9 @@ class ParallelDrafter(nn.Module):
         """A copy of this drafter that drafts only ``token_ids`` (same weights; its LM head is that many rows).
         ``None`` or an empty list gives a copy over the whole vocabulary."""
         ids = torch.as_tensor([] if token_ids is None else token_ids, dtype=torch.long).flatten()
-        if ids.numel():
-            if bool(((ids < 0) | (ids >= self.cfg.vocab_size)).any()):
-                raise ValueError(f"draft vocabulary ids must lie in [0, {self.cfg.vocab_size})")
-            if ids.unique().numel() != ids.numel():
-                raise ValueError("draft vocabulary ids must be distinct")
+        problem = vocab_problem(ids, self.cfg.vocab_size)
+        if problem:
+            raise ValueError(f"draft vocabulary {problem}")
         cfg = dataclasses.replace(self.cfg, draft_vocab_size=int(ids.numel()))
         other = ParallelDrafter(cfg, self.embed, self.lm_head)
         state = {k: v for k, v in self.state_dict().items() if k != "draft_vocab"}

@@ -104,11 +104,12 @@ def graft(tokens: Sequence[int], tree: TreeSpec, extra_tokens: Sequence[int], ex
                 added += 1
         return out_tokens, out_parents, added, where
 
-    _, _, needed, _ = walk(len(tokens), len(tokens) + len(extra_tokens))  # new nodes extra needs against the whole tree
+    _, _, needed, _ = walk(len(tokens), len(tokens) + len(extra_tokens))  # extra's new nodes against the whole tree
     keep = max(1, min(len(tokens), budget - needed))
     out_tokens, out_parents, _, where = walk(keep, budget)
     first = list(dict.fromkeys(where[n] for n in sorted(where)))  # root, then extra's nodes in extra's order
-    order = first + [n for n in range(len(out_tokens)) if n not in set(first)]
+    placed = set(first)
+    order = first + [n for n in range(len(out_tokens)) if n not in placed]
     new_index = {old: new for new, old in enumerate(order)}
     return (tuple(out_tokens[n] for n in order),
             TreeSpec(tuple(-1 if out_parents[n] < 0 else new_index[out_parents[n]] for n in order)))

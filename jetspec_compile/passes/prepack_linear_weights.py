@@ -21,6 +21,7 @@ and Inductor packs for itself.
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -49,22 +50,16 @@ _PACKED: dict[int, tuple[weakref.ref, int, dict[int, torch.Tensor]]] = {}
 def _packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """``weight`` packed for ``rows``-row products, shared by every graph of that row count."""
     ref, version, by_rows = _PACKED.get(id(weight), (None, None, {}))
-    if ref is None or ref() is not weight or version != weight._version:  # new, or changed in place since
+    known = ref is not None and ref() is weight  # an id can be reused by a later tensor
+    if not known:
+        weakref.finalize(weight, _PACKED.pop, id(weight), None)
+    if not known or version != weight._version:  # new, or changed in place since it was packed
         by_rows = {}
-        if ref is None or ref() is not weight:
-            weakref.finalize(weight, _PACKED.pop, id(weight), None)
         _PACKED[id(weight)] = (weakref.ref(weight), weight._version, by_rows)
     if rows not in by_rows:
         with torch.no_grad():
             by_rows[rows] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
     return by_rows[rows]
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def prepack_linear_weights(step) -> PassResult:
@@ -82,7 +77,7 @@ def prepack_linear_weights(step) -> PassResult:
             continue
         if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
             continue
-        w = _attr(gm, weight.target)
+        w = operator.attrgetter(weight.target)(gm)
         xv = val(x)
         if xv is None or w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 2:
             continue
