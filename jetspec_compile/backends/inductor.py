@@ -108,5 +108,4 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
             first[0] = False
         return compiled(**inputs)
 
-    run.compiled = compiled
     return run
