@@ -16,10 +16,13 @@ extern kernel. On CPU the op would run its dense reference, so the plain SDPA gr
 ``lower_inductor`` is what ``optimize(model, backend="inductor")`` uses for the verify graph: shapes are static
 except the cache view length, which is marked dynamic on the first call, so each graph compiles once. On CPU it
 compiles with Inductor's ``freezing``: the weights become constants, which lets Inductor pack them for MKL's GEMM
-once (for SmolLM2, verifying 8 nodes took 44.5 ms frozen, 60.4 ms unfrozen, 54.6 ms in the eager graph with
-packed weights, against a 40.1 ms HF decoding step; ``benchmarks/bench_verify.py``). A frozen graph keeps the
-weights it was compiled with (at least those Inductor transformed): after changing the model's weights, call
-``optimize`` again.
+once and fuse everything between the GEMMs (for SmolLM2, verifying 8 nodes took 39.2 ms, against 51.6 ms in the
+eager graph with packed weights, 43.2 ms in an AOTInductor package and a 36.1 ms HF decoding step;
+``benchmarks/bench_verify.py --nodes 8 --backends eager inductor aoti``). Dynamo must trace with ``freezing`` on
+(it is what turns parameters into constants), so ``lower_inductor`` sets it around the compiled call, not only
+inside the backend. A frozen graph keeps the weights it was compiled with: after changing the model's weights,
+call ``optimize`` again. Freezing also bypasses Inductor's FX-graph cache: every process compiles again (about
+two minutes per graph for SmolLM2 on 2 cores); an AOTInductor package is compiled once and loaded from disk.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     compiled = torch.compile(step.graph_module, backend=functools.partial(jetspec_backend, freezing=freezing),
                              fullgraph=True)
     first = [True]
+    from torch._inductor import config as inductor_config
 
     def run(**inputs):
         if first[0]:  # one compile for every cache length, instead of a second one after the first change
@@ -106,6 +110,9 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
                 if dim is not None:
                     torch._dynamo.mark_dynamic(tensor, dim)
             first[0] = False
-        return compiled(**inputs)
+        # Dynamo reads ``freezing`` while it traces (it turns parameters into constants only then): setting it
+        # inside the backend alone compiles an unfrozen graph, so it is set around every call that may compile.
+        with inductor_config.patch(freezing=freezing):
+            return compiled(**inputs)
 
     return run

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import jetspec_compile as js
 from jetspec_compile.backends import inductor
@@ -47,9 +48,12 @@ def test_cpu_lowering_freezes_weights_and_optimize_again_takes_new_weights():
     model = make_model("llama")
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
     inductor.STATS.update(compiles=0, frozen_compiles=0)
+    counters.clear()
     first = js.optimize(model, backend="inductor", budget=4, max_cache_len=64, drafter=NGramDrafter(), fallback=False)
     before = first.generate(ids, max_new_tokens=8)
     assert inductor.STATS["frozen_compiles"] == inductor.STATS["compiles"] >= 1
+    # freezing took effect: Inductor packed the linears' weights (Dynamo must trace with it on, not only Inductor)
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] >= model.config.num_hidden_layers * 7
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.roll(model.lm_head.weight, 1, dims=0))  # another argmax everywhere
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
