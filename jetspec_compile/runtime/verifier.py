@@ -35,6 +35,12 @@ def _tree_tensors(tree: TreeSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return depths(tree), ancestor_mask(tree)
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(cls) -> bool:
+    import inspect
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """Standard strides even on size-1 dims (``contiguous()`` keeps a slice's odd stride there)."""
     return t if t.stride() == torch.empty(t.shape, device="meta").stride() else t.clone(memory_format=torch.contiguous_format)
@@ -66,12 +72,17 @@ class TreeVerifier:
         self_check: compare the rewritten graph with the eager model once at construction.
         prefill_chunk: prompts longer than ``num_nodes`` are prefilled in chains of this many tokens (one more
             graph, captured on first use), so a small tree budget does not mean many prefill forwards.
+        model_prefill: prefill with one forward of the model itself (what ``generate`` runs) and copy its keys
+            and values into the static cache, instead of chains of graph calls. It is used only where it provably
+            fills the same state: no tap on the last layer (HF returns that one after the final norm), a cache of
+            one full ``[B, H_kv, P, D]`` tensor per layer (not a sliding-window layer holding fewer), and a
+            comparison with the graph's own prefill on the first call; otherwise the graph prefills.
     """
 
     def __init__(self, model: nn.Module, *, max_cache_len: int = 1024, batch_size: int = 1, num_nodes: int = 16,
                  tap_layers: Sequence[int] | None = None, compile_fn: Callable | None = None,
                  self_check: bool = True, run_checks: bool = False, extra_budgets: Sequence[int] = (),
-                 prefill_chunk: int = 64):
+                 prefill_chunk: int = 64, model_prefill: bool = True):
         if max_cache_len < num_nodes + 2:
             raise ValueError(f"max_cache_len={max_cache_len} leaves no room for a prompt and a tree of "
                              f"num_nodes={num_nodes}; use at least {num_nodes + 2}")
@@ -96,6 +107,8 @@ class TreeVerifier:
                                    kv["dtype"], self.device)
         self.base_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._pending: list[TreeSpec] | None = None
+        # None: not yet compared with the graph's prefill (done on the first prefill); then True / False
+        self._model_prefill = None if model_prefill and max(self.tap_layers) < kv["num_layers"] - 1 else False
         if self_check:
             self._self_check()
 
@@ -134,9 +147,9 @@ class TreeVerifier:
         return self._graphs[n]
 
     def prepare(self) -> list[int]:
-        """Capture and lower every graph now (each budget and the prefill chunk) instead of on first use;
-        returns their sizes. Ahead-of-time backends save them here."""
-        sizes = sorted(set(self.budgets) | {self.prefill_chunk})
+        """Capture and lower every graph now (each budget, and the prefill chunk unless the model itself
+        prefills) instead of on first use; returns their sizes. Ahead-of-time backends save them here."""
+        sizes = sorted(set(self.budgets) | (set() if self._model_prefill is not False else {self.prefill_chunk}))
         for n in sizes:
             self._graph(n)
         return sizes
@@ -196,6 +209,13 @@ class TreeVerifier:
         self.reset()
         real = attention_mask.bool()
         positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        if self._model_prefill is None:
+            self._model_prefill = self._model_prefill_agrees()
+            self.reset()
+        if self._model_prefill:
+            done = self._prefill_with_model(input_ids, real, positions)
+            if done is not None:
+                return done
         starts = list(range(0, max(p - n, 0), n)) + [max(p - n, 0)]
         pad = max(n - p, 0)
         ids = torch.nn.functional.pad(input_ids, (0, pad))
@@ -288,6 +308,58 @@ class TreeVerifier:
         self._pending = None
 
     # -- construction-time check --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _prefill_with_model(self, input_ids: torch.Tensor, real: torch.Tensor, positions: torch.Tensor):
+        """Prefill through one forward of the model; None (nothing written) where its cache has another layout."""
+        b, p = input_ids.shape
+        kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(self.model)) else {}
+        out = self.model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True,
+                         output_hidden_states=True, **kwargs)
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")  # ``cache`` in transformers 5
+        layers = getattr(cache, "layers", None)
+        kv = self.cache.kv
+        shape = (b, kv.shape[2], p, kv.shape[4])
+        if layers is None or 2 * len(layers) != kv.shape[0] or any(
+                tuple(getattr(layer, name, torch.empty(0)).shape) != shape
+                for layer in layers for name in ("keys", "values")):
+            return None
+        for i, layer in enumerate(layers):
+            kv[2 * i, :, :, :p] = layer.keys
+            kv[2 * i + 1, :, :, :p] = layer.values
+        hidden = torch.cat([out.hidden_states[i + 1] for i in self.tap_layers], dim=-1)
+        if not bool(real.all()) and not (bool(torch.isfinite(kv[:, :, :, :p]).all())
+                                         and bool(torch.isfinite(hidden).all())):
+            return None  # a model that leaves fully masked (padding) rows undefined: masked NaNs would spread
+        self.cache.valid[:, :p] = real
+        self.cache.positions[:, :p] = positions
+        self.cache.length = p
+        self.base_position = real.long().sum(1)
+        return out.logits[:, -1], hidden
+
+    def _model_prefill_agrees(self) -> bool:
+        """Prefill a short random prompt both ways (through the verify graph itself: nothing new compiles) and
+        compare the caches, taps and logits."""
+        p = min(self.num_nodes, self.cache.max_length - 1)
+        ids = torch.randint(0, self.vocab_size, (self.batch_size, p), generator=torch.Generator().manual_seed(1))
+        ids = ids.to(self.device)
+        self._model_prefill = False
+        logits, hidden = self.prefill(ids)
+        state = self.cache.kv[:, :, :, :p].clone()
+        self.reset()
+        got = self._prefill_with_model(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(p)[None].expand(
+            self.batch_size, p).to(self.device))
+        if got is None:
+            logger.info("model prefill off: %s's cache has another layout", type(self.model).__name__)
+            return False
+        tol = 1e-3 if state.dtype == torch.float32 else 5e-2
+        for name, a, e in (("keys/values", self.cache.kv[:, :, :, :p], state), ("taps", got[1], hidden),
+                           ("logits", got[0], logits)):
+            err = float((a.float() - e.float()).abs().max() / e.float().abs().max().clamp(min=1.0))
+            if not err <= tol:
+                logger.info("model prefill off: its %s differ from the graph's (relative error %.1e)", name, err)
+                return False
+        return True
+
     def _self_check(self) -> None:
         """Compare a chunked prefill and one chain verification of the rewritten graphs with the eager model
         (catches unmodelled attention semantics such as ALiBi biases instead of returning wrong logits)."""

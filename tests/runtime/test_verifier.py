@@ -67,9 +67,11 @@ def test_commit_then_next_step_matches_eager(family):
         torch.testing.assert_close(logits[r], expected, **TOL)
 
 
-def test_prefill_matches_eager_and_taps_match_hidden_states():
+@pytest.mark.parametrize("model_prefill", [True, False])
+def test_prefill_matches_eager_and_taps_match_hidden_states(model_prefill):
     model = make_model("llama")
-    v = TreeVerifier(model, max_cache_len=128, num_nodes=8, tap_layers=(0, 1))
+    v = TreeVerifier(model, max_cache_len=128, num_nodes=8, tap_layers=(0, 1), model_prefill=model_prefill)
+    assert v._model_prefill is model_prefill  # decided by the construction's self-check
     ids = torch.randint(3, VOCAB, (1, 19))
     logits, hidden = v.prefill(ids)
     with torch.no_grad():
@@ -77,6 +79,49 @@ def test_prefill_matches_eager_and_taps_match_hidden_states():
     torch.testing.assert_close(logits, out.logits[:, -1], **TOL)
     expected = torch.cat([out.hidden_states[1], out.hidden_states[2]], dim=-1)
     torch.testing.assert_close(hidden, expected, **TOL)
+
+
+SLIDING = {"qwen2", "mistral", "gemma3", "phi3"}  # a sliding-window cache layer keeps fewer than P tokens
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_prefill_fills_the_state_the_graph_would(family):
+    """With no tap on the last layer, one forward of the model itself prefills where its cache is one full
+    tensor per layer (else the graph does); cache, taps, logits and the next verify equal the graph's chunked
+    prefill, left padding included."""
+    model = make_model(family)
+    kw = dict(max_cache_len=128, batch_size=2, num_nodes=8, tap_layers=(0, 1), prefill_chunk=8, self_check=False)
+    fast, graph = TreeVerifier(model, **kw), TreeVerifier(model, model_prefill=False, **kw)
+    rng = random.Random(3)
+    ids, mask = left_pad([[rng.randrange(3, VOCAB) for _ in range(n)] for n in (21, 13)])
+    (logits, hidden), (expected_logits, expected_hidden) = fast.prefill(ids, mask), graph.prefill(ids, mask)
+    assert fast._model_prefill is (family not in SLIDING)
+    real = mask.bool()
+    torch.testing.assert_close(logits, expected_logits, **TOL)
+    torch.testing.assert_close(hidden[real], expected_hidden[real], **TOL)
+    assert torch.equal(fast.cache.valid, graph.cache.valid) and fast.cache.length == graph.cache.length
+    slots = fast.cache.valid[None, :, None, :, None].expand_as(fast.cache.kv)
+    torch.testing.assert_close(fast.cache.kv[slots], graph.cache.kv[slots], **TOL)
+    tree, tokens = random_tree("random", 8, rng), torch.randint(3, VOCAB, (2, 8))
+    torch.testing.assert_close(fast.verify(tokens, tree)[0], graph.verify(tokens, tree)[0], **TOL)
+
+
+def test_model_prefill_that_disagrees_with_the_graph_is_not_used(monkeypatch):
+    model = make_model("llama")
+    original = TreeVerifier._prefill_with_model
+
+    def off_by_a_bit(self, *args):
+        out = original(self, *args)
+        self.cache.kv.add_(1e-2)
+        return out
+
+    monkeypatch.setattr(TreeVerifier, "_prefill_with_model", off_by_a_bit)
+    v = TreeVerifier(model, max_cache_len=128, num_nodes=8, tap_layers=(0, 1))  # the self-check prefills once
+    assert v._model_prefill is False
+    ids = torch.randint(3, VOCAB, (1, 19))
+    logits, _ = v.prefill(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(input_ids=ids).logits[:, -1], **TOL)
 
 
 def test_bad_inputs_get_clear_errors():
@@ -129,3 +174,7 @@ def test_prepare_lowers_every_graph_up_front():
     assert lowered == [8]
     assert v.prepare() == [1, 4, 8, 32]
     assert sorted(lowered) == [1, 4, 8, 32] and sorted(v._graphs) == [1, 4, 8, 32]
+    # where the model itself prefills, no prefill-chunk graph is lowered
+    v = TreeVerifier(make_model("llama"), max_cache_len=128, num_nodes=8, tap_layers=(0, 1), compile_fn=spy,
+                     self_check=False, prefill_chunk=32)
+    assert v.prepare() == [8]
