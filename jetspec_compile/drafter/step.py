@@ -10,9 +10,12 @@ index comparisons (no in-place writes at shape-dependent offsets), with no Pytho
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from ..passes.prepack_linear_weights import packed_linear, with_packed_linears
 from .model import ParallelDrafter
 
 __all__ = ["DraftStep", "visible_mask"]
@@ -42,9 +45,11 @@ class DraftStep(nn.Module):
     (``DrafterConfig.draft_vocab_size``) the last axis is its ``V'`` entries, in ``model.draft_vocab`` order.
     """
 
-    def __init__(self, model: ParallelDrafter):
+    def __init__(self, model: ParallelDrafter, packed: bool = False):
         super().__init__()
-        self.model = model
+        # packed: eager CPU inference with MKL-packed linears (the runtime's default step); exports use the plain one
+        self.packed = packed
+        self.model = with_packed_linears(model) if packed else model
         # The shared embedding and LM head are registered here (the drafter keeps them out of its own parameters)
         # so that an export sees one parameter per weight: unregistered, each use is lifted as its own constant
         # (the SmolLM2 drafter file held the 113 MB tied embedding three times).
@@ -65,5 +70,7 @@ class DraftStep(nn.Module):
         mask = torch.zeros(visible.shape, dtype=kv[0][0].dtype, device=hidden.device).masked_fill(~visible,
                                                                                                 float("-inf"))
         head = None if self.head_weight is None else (self.head_weight, self.head_bias)
+        if head is not None and self.packed:
+            head = functools.partial(packed_linear, weight=self.head_weight, bias=self.head_bias)
         logits = self.model(anchors, block_positions, kv, mask, revealed, head)  # [1, M, S, V or V']
         return logits[0].float().log_softmax(-1), new

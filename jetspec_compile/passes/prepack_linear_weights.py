@@ -16,21 +16,24 @@ weights packed for 1 row took as long as unpacked), so copies are not shared acr
 decoding) is left to MKL's GEMV, which reads the weight at full speed unpacked.
 
 A lowering pass of the eager backend only: exported graphs (AOTI, ONNX) cannot carry the opaque packed tensors,
-and Inductor packs for itself.
+and Inductor packs for itself. Modules outside a graph (the drafter's step) get the same from
+:func:`with_packed_linears`, whose linears pack per row count on first use (:func:`packed_linear`).
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 import weakref
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .manager import PassResult
 from .patterns import val
 
-__all__ = ["prepack_linear_weights", "MIN_ROWS", "MAX_ROWS", "prepack_supported"]
+__all__ = ["prepack_linear_weights", "MIN_ROWS", "MAX_ROWS", "packed_linear", "prepack_supported",
+           "with_packed_linears"]
 
 #: row counts (batch x tree nodes) whose linears are packed: one row is a GEMV (no packing to save), and above
 #: MAX_ROWS the GEMM's own packing is amortised (the 64-token prefill chunk runs once per prompt)
@@ -60,6 +63,39 @@ def _packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
         with torch.no_grad():
             by_rows[rows] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
     return by_rows[rows]
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, from ``weight`` packed for this row count where that pays (fp32 on CPU,
+    ``MIN_ROWS <= rows <= MAX_ROWS``, no autograd, an MKL build); plain ``F.linear`` otherwise."""
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and prepack_supported()):
+        out = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), _packed(weight, rows), weight, bias, rows)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear``'s parameters (shared, not copied) run through :func:`packed_linear`."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight, self.bias)
+
+
+def with_packed_linears(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` that shares every parameter and buffer, with each ``nn.Linear`` replaced
+    by a :class:`PackedLinear` (for eager inference on CPU; ``module`` itself is left as it is)."""
+    if isinstance(module, nn.Linear):
+        return PackedLinear(module)
+    clone = copy.copy(module)  # shallow: the parameter and buffer dicts are the same objects
+    clone._modules = {name: None if child is None else with_packed_linears(child)
+                      for name, child in module._modules.items()}
+    return clone
 
 
 def prepack_linear_weights(step) -> PassResult:

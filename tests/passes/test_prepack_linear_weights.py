@@ -77,3 +77,37 @@ def test_graphs_of_one_row_count_share_packed_weights_and_repack_after_an_update
                 and n.args[2].target.endswith("lm_head.weight"))
     out = MKL_LINEAR(x, getattr(again.graph_module, node.args[1].target), model.lm_head.weight, None, 4)
     torch.testing.assert_close(out, x @ model.lm_head.weight.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch):
+    """The runtime's draft step runs its linears (and the draft-vocabulary head) from packed weights; same
+    numbers as the plain step, the drafter's own modules untouched and no parameter copied."""
+    from jetspec_compile.drafter import DrafterConfig, ParallelDrafter
+    from jetspec_compile.drafter.step import DraftStep
+    from jetspec_compile.passes.prepack_linear_weights import PackedLinear
+
+    target = make_model("llama")
+    cfg = DrafterConfig.for_target(target.config, (0, 1), num_layers=2, block_size=4)
+    net = ParallelDrafter(cfg, target.get_input_embeddings(), target.get_output_embeddings()).eval()
+    net.restrict_vocab(torch.arange(3, 40))
+    plain, packed = DraftStep(net), DraftStep(net, packed=True)
+    assert not any(isinstance(m, PackedLinear) for m in net.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == sum(
+        isinstance(m, torch.nn.Linear) for m in net.modules())
+    assert {id(p) for p in packed.parameters()} <= {id(p) for p in net.parameters()} | {
+        id(p) for p in target.parameters()}
+    calls = []
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda *a: calls.append(a[-1]) or MKL_LINEAR(*a))
+    gen = torch.Generator().manual_seed(0)
+    kv = cfg.num_kv_heads, cfg.head_dim
+    past = [(torch.randn(1, kv[0], 6, kv[1], generator=gen), torch.randn(1, kv[0], 6, kv[1], generator=gen))
+            for _ in range(2)]
+    inputs = dict(hidden=torch.randn(1, 3, 2 * cfg.target_hidden_size, generator=gen),
+                  positions=torch.arange(6, 9)[None], anchors=torch.tensor([[5]]),
+                  revealed=torch.full((1, 1, 3), -1), block_positions=torch.arange(9, 13)[None], past=past)
+    with torch.no_grad():
+        (a, kv_a), (b, kv_b) = plain(**inputs), packed(**inputs)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    for x, y in zip(kv_a, kv_b):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)
+    assert 3 in calls and 4 in calls  # the 3 new context tokens and the 4-token block both ran packed
