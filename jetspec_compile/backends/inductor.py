@@ -92,6 +92,8 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     ``kernels``: lower attention to the tree-attention custom op first (default: on CUDA models only).
     ``freezing``: compile the weights in as constants (default: on CPU models, where it packs them for MKL).
     """
+    from torch._inductor import config as inductor_config
+
     from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager
 
     cuda = next(step.model.parameters()).is_cuda
@@ -101,7 +103,6 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     compiled = torch.compile(step.graph_module, backend=functools.partial(jetspec_backend, freezing=freezing),
                              fullgraph=True)
     first = [True]
-    from torch._inductor import config as inductor_config
 
     def run(**inputs):
         if first[0]:  # one compile for every cache length, instead of a second one after the first change

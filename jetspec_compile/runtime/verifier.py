@@ -307,10 +307,10 @@ class TreeVerifier:
         self.base_position = self.base_position + counts
         self._pending = None
 
-    # -- construction-time check --------------------------------------------------------------------------
     @torch.no_grad()
     def _prefill_with_model(self, input_ids: torch.Tensor, real: torch.Tensor, positions: torch.Tensor):
-        """Prefill through one forward of the model; None (nothing written) where its cache has another layout."""
+        """Prefill through one forward of the model; None where its cache has another layout or its padding rows
+        are not finite (the graph prefill that follows then rewrites every slot this may have written)."""
         b, p = input_ids.shape
         kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(self.model)) else {}
         out = self.model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True,
@@ -336,6 +336,7 @@ class TreeVerifier:
         self.base_position = real.long().sum(1)
         return out.logits[:, -1], hidden
 
+    # -- construction-time checks -------------------------------------------------------------------------
     def _model_prefill_agrees(self) -> bool:
         """Prefill a short random prompt both ways (through the verify graph itself: nothing new compiles) and
         compare the caches, taps and logits."""
