@@ -57,7 +57,7 @@ def cmd_train(args) -> None:
         items = load_jsonl(name, args.limit) if name.endswith(".jsonl") else load_prompts(name, "train", args.limit)
         prompts += [(name, p) for p in items]
     if not prompts:
-        raise SystemExit("no training prompts: pass --prompts humaneval gsm codeio or a .jsonl file")
+        raise SystemExit("no training prompts: pass --prompts humaneval pyfunc gsm codeio or a .jsonl file")
     regenerate(model, tok, prompts, data, max_new_tokens=args.response_tokens, batch_size=args.gen_batch)
     records = read_sequences(data)
     taps = tuple(args.tap_layers) if args.tap_layers else default_tap_layers(model.config.num_hidden_layers)
@@ -66,20 +66,23 @@ def cmd_train(args) -> None:
     dcfg = DrafterConfig.for_target(model.config, taps, num_layers=args.layers, block_size=args.block_size)
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
                        sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob)
+    vocab = _draft_vocab(records, args.draft_vocab, tok) if args.draft_vocab else None
     drafter = train_drafter(model, feats[n_eval:], dcfg, tcfg, out, resume=not args.restart,
-                            eval_features=feats[:n_eval], init_checkpoint=args.init_from)
+                            eval_features=feats[:n_eval], init_checkpoint=args.init_from, draft_vocab=vocab)
     print(f"held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
-    if args.draft_vocab:
-        drafter = _with_draft_vocab(drafter, records, args.draft_vocab, tok)
     save_drafter(drafter, out / "drafter")
     print(f"saved {out / 'drafter'} (draft vocabulary: {drafter.cfg.draft_vocab_size or 'all'} tokens)")
 
 
-def _with_draft_vocab(drafter, records, size: int, tok):
+def _draft_vocab(records, size: int, tok) -> list[int]:
     from .drafter.vocab import frequent_tokens
 
     eos = [tok.eos_token_id] if tok is not None and tok.eos_token_id is not None else []
-    return drafter.restrict_vocab(frequent_tokens(records, size, always=eos))
+    return frequent_tokens(records, size, always=eos)
+
+
+def _with_draft_vocab(drafter, records, size: int, tok):
+    return drafter.restrict_vocab(_draft_vocab(records, size, tok))
 
 
 def cmd_draft_vocab(args) -> None:
@@ -168,8 +171,8 @@ def main(argv=None) -> None:
     tr = sub.add_parser("train-drafter", help="regenerate data with the target and train a parallel drafter")
     tr.add_argument("--model", default="smollm2", help="'smollm2' or a local HF checkpoint folder")
     tr.add_argument("--out", required=True, help="output folder (checkpoints, train state)")
-    tr.add_argument("--prompts", nargs="+", default=["humaneval", "gsm", "codeio"],
-                    help="prompt sets (humaneval gsm codeio) and/or .jsonl files")
+    tr.add_argument("--prompts", nargs="+", default=["humaneval", "pyfunc", "gsm", "codeio"],
+                    help="prompt sets (humaneval gsm codeio pyfunc) and/or .jsonl files")
     tr.add_argument("--limit", type=int, default=300, help="prompts per set")
     tr.add_argument("--data", help="self-distillation JSONL (default: <cache>/data/<model name>_selfdistill.jsonl, "
                                    "shared by every run on that model)")
@@ -187,7 +190,8 @@ def main(argv=None) -> None:
                     help="share of blocks trained with their first 1-2 path tokens given (path-conditioned trees)")
     tr.add_argument("--init-from", help="continue from this drafter checkpoint folder (same config) on new data")
     tr.add_argument("--draft-vocab", type=int, default=4096,
-                    help="draft only the N most frequent tokens of the target's responses (0: all; see draft-vocab)")
+                    help="train and draft over the N most frequent tokens of the target's responses (0: all; see "
+                         "draft-vocab)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=2)
     tr.add_argument("--restart", action="store_true", help="ignore an existing train state in --out")

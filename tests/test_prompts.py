@@ -32,3 +32,14 @@ def test_loading_prompts_writes_nothing_into_the_working_directory(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     load_prompts("codeio", "train", 200)  # this draw runs sample programs that write temp_parameters.txt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pyfunc_prompts_are_humaneval_shaped_and_split():
+    train, test = load_prompts("pyfunc", "train"), load_prompts("pyfunc", "test")
+    assert len(train) > 100 and len(test) > 30
+    assert not set(train) & set(test)
+    assert 0.15 < len(test) / (len(train) + len(test)) < 0.35  # one in four by name hash
+    for p in train[:20] + test[:20]:
+        assert p.startswith("Complete the following Python function.\n```python\ndef ") and p.endswith('"""\n```')
+        compile(p.split("```python\n", 1)[1].rsplit("```", 1)[0] + "    pass\n", "<prompt>", "exec")
+    assert load_prompts("pyfunc", "train", 5) == train[:5]

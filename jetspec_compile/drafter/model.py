@@ -275,7 +275,7 @@ class ParallelDrafter(nn.Module):
         mask: additive [B or 1, 1, M * S, T + M * S]; revealed: optional [B, M, S - 1] known tokens at block
         positions 1.. (``-1`` = MASK); head: optional ``(weight [V', H], bias)`` in place of the full LM head
         (the draft vocabulary's rows, :meth:`head_rows`), or a function computing those logits from ``h``.
-        Returns logits [B, M, S, V or V'] (index i predicts depth i+1). Training uses the full head.
+        Returns logits [B, M, S, V or V'] (index i predicts depth i+1).
         """
         x = self.block_states(anchors, revealed)
         for layer, (k, v) in zip(self.layers, ctx_kv):

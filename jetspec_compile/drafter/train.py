@@ -147,6 +147,18 @@ def init_from_target(drafter: ParallelDrafter, target) -> list[str]:
     return copied
 
 
+def _head(drafter: ParallelDrafter):
+    """The head rows of the drafter's draft vocabulary (None: the whole LM head)."""
+    return None if drafter.draft_vocab is None else drafter.head_rows()
+
+
+def _vocab_index(drafter: ParallelDrafter) -> torch.Tensor:
+    """token id -> draft-vocabulary index, -1 for tokens outside it."""
+    index = torch.full((drafter.cfg.vocab_size,), -1, dtype=torch.long)
+    index[drafter.draft_vocab] = torch.arange(drafter.draft_vocab.numel())
+    return index
+
+
 def _example_loss(drafter: ParallelDrafter, ids, hidden, prompt_len, cfg: TrainConfig, rng: random.Random,
                   target=None) -> tuple[torch.Tensor, int]:
     s = drafter.cfg.block_size
@@ -168,13 +180,20 @@ def _example_loss(drafter: ParallelDrafter, ids, hidden, prompt_len, cfg: TrainC
                           for _ in range(m)])
         keep = (torch.arange(s - 1)[None] < r[:, None]) & valid[:, :-1]
         revealed = torch.where(keep, labels[:, :-1], -1)[None]
-    logits = drafter(ids[anchors][None], positions, ctx_kv, block_mask(anchors, length, s), revealed)[0]  # [M, S, V]
+    logits = drafter(ids[anchors][None], positions, ctx_kv, block_mask(anchors, length, s), revealed,
+                     head=_head(drafter))[0]  # [M, S, V or V']
+    if drafter.draft_vocab is not None:  # labels as draft-vocabulary indices; tokens outside it carry no loss
+        labels = _vocab_index(drafter)[labels]
+        valid = valid & (labels >= 0)
+        labels = labels.clamp(min=0)
     weights = torch.exp(-(torch.arange(s, dtype=torch.float32)) / cfg.gamma)[None].expand(m, -1)
     if cfg.loss == "ce":
         per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
     else:
         with torch.no_grad():
             t_logits = target(input_ids=ids[None]).logits[0]  # [T, V]
+            if drafter.draft_vocab is not None:
+                t_logits = t_logits[:, drafter.draft_vocab]  # the target's distribution renormalised over V'
         t_logp = t_logits[(label_pos - 1).clamp(max=length - 1)].float().log_softmax(-1)  # [M, D, V]
         d_logp = logits.float().log_softmax(-1)
         per = (t_logp.exp() * (t_logp - d_logp)).sum(-1).reshape(-1)
@@ -192,13 +211,18 @@ def _lr(step: int, total: int, cfg: TrainConfig) -> float:
 
 def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig, out_dir: str | Path, *,
                   resume: bool = True, progress: bool = True, eval_features=None,
-                  warm_start: bool = True, init_checkpoint: str | Path | None = None) -> ParallelDrafter:
+                  warm_start: bool = True, init_checkpoint: str | Path | None = None,
+                  draft_vocab=None) -> ParallelDrafter:
     """Train a drafter on ``features`` (from :func:`compute_features`); save it to ``out_dir``.
 
     ``out_dir/train_state.pt`` holds the optimizer and step for ``resume``; the drafter itself is saved with
     :func:`~jetspec_compile.drafter.checkpoint.save_drafter` at every checkpoint and at the end.
     ``warm_start`` initialises the drafter from the target's layers after the last tap (:func:`init_from_target`);
     ``init_checkpoint`` instead continues from a saved drafter (fine-tuning on more data).
+    ``draft_vocab`` (token ids, e.g. :func:`~jetspec_compile.drafter.vocab.frequent_tokens`) trains the drafter
+    over that draft vocabulary, the one it will draft with: its head is those rows only (for SmolLM2 with 4096
+    tokens a training step is several times cheaper), the softmax is the one inference uses, and targets outside
+    it carry no loss. The saved drafter carries the vocabulary.
     """
     usable = [f for f in features if f[0].shape[0] - max(f[2] - 1, 0) >= 2]
     if len(usable) < 2:
@@ -217,6 +241,8 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
         logger.info("initialised from %s", init_checkpoint)
     elif warm_start:
         logger.info("warm start copied %d tensors from the target", len(init_from_target(drafter, target)))
+    if draft_vocab is not None:
+        drafter = drafter.restrict_vocab(draft_vocab)
     for p in target.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -228,7 +254,9 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
     step = 0
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        if state["drafter_config"] != dataclasses.asdict(drafter_cfg) or state["train_config"] != dataclasses.asdict(cfg):
+        vocab = None if drafter.draft_vocab is None else drafter.draft_vocab.tolist()
+        if (state["drafter_config"] != dataclasses.asdict(drafter_cfg) or state["train_config"] != dataclasses.asdict(cfg)
+                or state.get("draft_vocab") != vocab):
             raise ValueError(f"{state_path} belongs to a run with other settings; pass resume=False to start over")
         drafter.load_state_dict(state["drafter"])
         opt.load_state_dict(state["optimizer"])
@@ -241,6 +269,7 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
         tmp = state_path.with_suffix(".tmp")
         torch.save({"drafter": drafter.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng,
                     "torch_rng": torch.get_rng_state(), "drafter_config": dataclasses.asdict(drafter_cfg),
+                    "draft_vocab": None if drafter.draft_vocab is None else drafter.draft_vocab.tolist(),
                     "train_config": dataclasses.asdict(cfg)}, tmp)
         os.replace(tmp, state_path)
 
@@ -298,10 +327,13 @@ def evaluate(drafter: ParallelDrafter, features, anchors: int = 16, seed: int = 
         a = torch.tensor(sorted(rng.sample(range(lo, hi + 1), min(anchors, hi - lo + 1))))
         positions = (a[:, None] + torch.arange(s)[None]).reshape(1, -1)
         ctx = drafter.context_kv(hidden[None].float(), torch.arange(length)[None])
-        logits = drafter(ids[a][None], positions, ctx, block_mask(a, length, s))[0]
+        logits = drafter(ids[a][None], positions, ctx, block_mask(a, length, s), head=_head(drafter))[0]
+        pred = logits.argmax(-1)
+        if drafter.draft_vocab is not None:
+            pred = drafter.draft_vocab[pred]
         pos = a[:, None] + torch.arange(1, s + 1)[None]
         valid = pos < length
-        right = (logits.argmax(-1) == ids[pos.clamp(max=length - 1)]) & valid
+        right = (pred == ids[pos.clamp(max=length - 1)]) & valid
         hits += right.sum(0)
         counts += valid.sum(0)
     drafter.train(was_training)

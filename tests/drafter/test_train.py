@@ -97,3 +97,30 @@ def test_bad_training_input_is_refused(setup, tmp_path):
         TrainConfig(reveal_prob=1.5)
     with pytest.raises(TypeError):
         TrainConfig(learning_rate=1.0)
+
+
+def test_training_over_a_draft_vocabulary(setup, tmp_path):
+    """The drafter trains over the tokens it will draft: head of V' rows, labels outside V' carry no loss, the
+    saved drafter carries the vocabulary, and a resume with another vocabulary is refused."""
+    target, feats, cfg = setup
+    counts = torch.bincount(torch.cat([f[0] for f in feats]), minlength=VOCAB)
+    vocab = counts.argsort(descending=True)[:VOCAB // 2].tolist()  # half the vocabulary: some labels fall outside
+    before = evaluate(train_drafter(target, feats[4:], cfg, small(epochs=1, lr=0.0), tmp_path / "z", progress=False,
+                                    draft_vocab=vocab), feats[:4])
+    trained = train_drafter(target, feats[4:], cfg, small(loss="kl", epochs=2), tmp_path / "kl", progress=False,
+                            draft_vocab=vocab)
+    trained = train_drafter(target, feats[4:], cfg, small(), tmp_path / "v", progress=False, draft_vocab=vocab)
+    after = evaluate(trained, feats[:4])
+    assert trained.draft_vocab.tolist() == vocab
+    assert after[0] > before[0] + 0.1 and sum(after) > sum(before)
+    saved = load_drafter(tmp_path / "v" / "drafter", target)
+    assert saved.draft_vocab.tolist() == vocab
+    # what it drafts (argmax over V', mapped back to token ids) never leaves the vocabulary
+    ids, hidden, _ = feats[0]
+    logits = trained(ids[:2][None], torch.arange(2 * cfg.block_size)[None] % cfg.block_size,
+                     trained.context_kv(hidden[None].float(), torch.arange(ids.shape[0])[None]),
+                     torch.zeros(1, 1, 2 * cfg.block_size, ids.shape[0] + 2 * cfg.block_size),
+                     head=trained.head_rows())
+    assert logits.shape[-1] == len(vocab)
+    with pytest.raises(ValueError, match="other settings"):
+        train_drafter(target, feats[4:], cfg, small(), tmp_path / "v", progress=False, draft_vocab=vocab[:-1])
