@@ -5,7 +5,7 @@
   different seeds; any test question that also appears in train is dropped from train).
 * ``codeio``: code-reasoning tasks from ``reasoning-gym``'s ``codeio`` (same split rule).
 * ``pyfunc``: HumanEval-style completion prompts (signature + docstring, body to write) made from the documented
-  public functions of the running Python's standard library; no download, several hundred prompts. A function
+  public functions and methods of the running Python's standard library; no download, about 1 300 prompts. A function
   goes to test when a hash of its qualified name says so (one in four), so the split holds across Python
   versions for the functions they share. Meant as code-writing *training* data for drafters (HumanEval's own
   train split has only 123 problems).
@@ -53,8 +53,28 @@ _PYFUNC_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtlede
                 "venv", "pydoc_data", "xxsubtype", "__phello__", "__hello__"}
 
 
+def _documented(fn) -> tuple[str, str] | None:
+    """(signature, docstring) of a plain Python function worth a prompt, else None."""
+    if not inspect.isfunction(fn):
+        return None
+    doc = inspect.getdoc(fn)
+    try:
+        sig = str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return None
+    if not doc or len(doc) < 60 or "<" in sig:  # undocumented, or defaults that print as object reprs
+        return None
+    return sig, doc
+
+
 def _pyfunc(split: str) -> list[str]:
     prompts = []
+
+    def add(qualname: str, code: str, doc: str, indent: str) -> None:
+        if (hashlib.sha256(qualname.encode()).digest()[0] % 4 == 0) == (split == "test"):
+            body = "\n".join((indent + line).rstrip() for line in doc.splitlines())
+            prompts.append(_completion_prompt(f'{code}\n{indent}"""\n{body}\n{indent}"""\n'))
+
     for name in sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in _PYFUNC_SKIP):
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -62,20 +82,20 @@ def _pyfunc(split: str) -> list[str]:
                 module = importlib.import_module(name)
         except Exception:  # platform-specific or optional modules (winreg, curses without ncurses, ...)
             continue
-        for attr, fn in sorted(vars(module).items()):
-            if attr.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != name:
+        public = [(attr, obj) for attr, obj in sorted(vars(module).items())
+                  if not attr.startswith("_") and getattr(obj, "__module__", None) == name]
+        for attr, fn in public:  # module-level functions
+            found = _documented(fn)
+            if found:
+                add(f"{name}.{attr}", f"def {attr}{found[0]}:", found[1], "    ")
+        for cls_name, cls in public:  # then methods, as a class holding that one method
+            if not inspect.isclass(cls):
                 continue
-            doc = inspect.getdoc(fn)
-            try:
-                sig = str(inspect.signature(fn))
-            except (TypeError, ValueError):
-                continue
-            if not doc or len(doc) < 60 or "<" in sig:  # undocumented, or defaults that print as object reprs
-                continue
-            held_out = hashlib.sha256(f"{name}.{attr}".encode()).digest()[0] % 4 == 0
-            if held_out == (split == "test"):
-                body = "\n".join(("    " + line).rstrip() for line in doc.splitlines())
-                prompts.append(_completion_prompt(f'def {attr}{sig}:\n    """\n{body}\n    """\n'))
+            for attr, fn in sorted(vars(cls).items()):
+                found = None if attr.startswith("_") else _documented(fn)
+                if found:
+                    add(f"{name}.{cls_name}.{attr}", f"class {cls_name}:\n    def {attr}{found[0]}:", found[1],
+                        "        ")
     return prompts
 
 

@@ -39,7 +39,9 @@ def test_pyfunc_prompts_are_humaneval_shaped_and_split():
     assert len(train) > 100 and len(test) > 30
     assert not set(train) & set(test)
     assert 0.15 < len(test) / (len(train) + len(test)) < 0.35  # one in four by name hash
-    for p in train[:20] + test[:20]:
-        assert p.startswith("Complete the following Python function.\n```python\ndef ") and p.endswith('"""\n```')
+    head = "Complete the following Python function.\n```python\n"
+    assert any(p.startswith(head + "def ") for p in train) and any(p.startswith(head + "class ") for p in train)
+    for p in train[::20] + test[::20]:  # functions, and methods shown inside their class
+        assert p.startswith((head + "def ", head + "class ")) and p.endswith('"""\n```')
         compile(p.split("```python\n", 1)[1].rsplit("```", 1)[0] + "    pass\n", "<prompt>", "exec")
     assert load_prompts("pyfunc", "train", 5) == train[:5]
