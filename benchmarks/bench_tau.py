@@ -7,7 +7,7 @@ width 4) and ``path`` (the same, plus the subtrees of the best ``--path-branches
 conditioned on them: one more drafter forward). The drafter's time per step is printed next to τ, because
 path conditioning is not free.
 
-    python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--limit 5] [--path-branches 3]
+    python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--widths 4] [--limit 5] [--path-branches 3]
                                    [--draft-vocab 0 2048 4096]
 """
 
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--widths", type=int, nargs="+", default=[4], help="tree widths W (candidates per depth)")
     ap.add_argument("--path-branches", type=int, default=3, help="depth-1 branches re-drafted (0: skip 'path')")
     ap.add_argument("--shapes", nargs="+", default=["chain", "tree", "path"], choices=["chain", "tree", "path"])
     ap.add_argument("--lookup-nodes", type=int, nargs="+", default=[6],
@@ -49,9 +50,10 @@ def main() -> None:
     model, tok = load_smollm2()
     prompts = {s: [encode_chat(tok, p) for p in load_prompts(s, "test", args.limit)] for s in args.sets}
     refs = {}
-    configs = [("chain", b, 1, 0) for b in args.budgets if b <= 9] + [("tree", b, 4, 0) for b in args.budgets]
+    configs = [("chain", b, 1, 0) for b in args.budgets if b <= 9]
+    configs += [("tree", b, w, 0) for b in args.budgets for w in args.widths]
     if args.path_branches:
-        configs += [("path", b, 4, args.path_branches) for b in args.budgets]
+        configs += [("path", b, w, args.path_branches) for b in args.budgets for w in args.widths]
     configs = [c + (v, n) for c in configs if c[0] in args.shapes
                for v in args.draft_vocab for n in args.lookup_nodes]
     records = None
