@@ -107,15 +107,16 @@ def test_training_over_a_draft_vocabulary(setup, tmp_path):
     vocab = counts.argsort(descending=True)[:VOCAB // 2].tolist()  # half the vocabulary: some labels fall outside
     before = evaluate(train_drafter(target, feats[4:], cfg, small(epochs=1, lr=0.0), tmp_path / "z", progress=False,
                                     draft_vocab=vocab), feats[:4])
-    trained = train_drafter(target, feats[4:], cfg, small(loss="kl", epochs=2), tmp_path / "kl", progress=False,
-                            draft_vocab=vocab)
+    kl = train_drafter(target, feats[4:], cfg, small(loss="kl", epochs=2), tmp_path / "kl", progress=False,
+                       draft_vocab=vocab)  # forward KL against the target renormalised over V'
+    assert kl.draft_vocab.tolist() == vocab and all(torch.isfinite(p).all() for p in kl.parameters())
     trained = train_drafter(target, feats[4:], cfg, small(), tmp_path / "v", progress=False, draft_vocab=vocab)
     after = evaluate(trained, feats[:4])
     assert trained.draft_vocab.tolist() == vocab
     assert after[0] > before[0] + 0.1 and sum(after) > sum(before)
     saved = load_drafter(tmp_path / "v" / "drafter", target)
     assert saved.draft_vocab.tolist() == vocab
-    # what it drafts (argmax over V', mapped back to token ids) never leaves the vocabulary
+    # its logits span the draft vocabulary only
     ids, hidden, _ = feats[0]
     logits = trained(ids[:2][None], torch.arange(2 * cfg.block_size)[None] % cfg.block_size,
                      trained.context_kv(hidden[None].float(), torch.arange(ids.shape[0])[None]),
