@@ -59,6 +59,10 @@ def cmd_train(args) -> None:
     if not prompts:
         raise SystemExit("no training prompts: pass --prompts humaneval pyfunc gsm codeio or a .jsonl file")
     regenerate(model, tok, prompts, data, max_new_tokens=args.response_tokens, batch_size=args.gen_batch)
+    if args.samples:
+        sampled = [(name, p) for name, p in prompts if args.sample_sets is None or name in args.sample_sets]
+        regenerate(model, tok, sampled, data, max_new_tokens=args.response_tokens, batch_size=args.gen_batch,
+                   samples=args.samples, temperature=args.temperature, seed=args.seed)
     records = read_sequences(data)
     taps = tuple(args.tap_layers) if args.tap_layers else default_tap_layers(model.config.num_hidden_layers)
     feats = compute_features(model, records, taps)
@@ -178,6 +182,10 @@ def main(argv=None) -> None:
                                    "shared by every run on that model)")
     tr.add_argument("--response-tokens", type=int, default=160)
     tr.add_argument("--gen-batch", type=int, default=16)
+    tr.add_argument("--samples", type=int, default=0,
+                    help="also draw N sampled responses per prompt (more data where a prompt set is small)")
+    tr.add_argument("--sample-sets", nargs="+", help="the --prompts entries to sample from (default: all)")
+    tr.add_argument("--temperature", type=float, default=0.7, help="temperature of --samples")
     tr.add_argument("--layers", type=int, default=2)
     tr.add_argument("--block-size", type=int, default=8)
     tr.add_argument("--tap-layers", type=int, nargs="+")

@@ -41,40 +41,52 @@ def read_sequences(path: str | Path) -> list[dict]:
 
 
 def regenerate(model, tokenizer, prompts: Iterable[tuple[str, str]], out_path: str | Path, *,
-               max_new_tokens: int = 160, batch_size: int = 16, max_prompt_tokens: int = 384) -> Path:
+               max_new_tokens: int = 160, batch_size: int = 16, max_prompt_tokens: int = 384,
+               samples: int = 0, temperature: float = 0.7, seed: int = 0) -> Path:
     """Greedy-decode every ``(set_name, prompt)`` with ``model`` and append the results to ``out_path``.
 
-    Prompts already present in ``out_path`` (same token ids) are skipped, which makes the call resumable.
+    ``samples > 0`` instead draws that many sampled responses per prompt (``temperature``, seeded per batch): more
+    sequences from the target's own distribution where a prompt set is small (HumanEval's train split has 123
+    problems). Records carry ``"sample": k`` (greedy ones have none). What is already in ``out_path`` (same
+    token ids and sample index) is skipped, which makes the call resumable.
     """
+    if samples < 0 or (samples and temperature <= 0):
+        raise ValueError(f"samples must be >= 0 and temperature > 0 when sampling, got {samples}, {temperature}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {tuple(r["prompt_ids"]) for r in read_sequences(out_path)}
+    done = {(tuple(r["prompt_ids"]), r.get("sample")) for r in read_sequences(out_path)}
     todo = []
     for name, prompt in prompts:
         ids = encode_chat(tokenizer, prompt)[-max_prompt_tokens:]
-        if tuple(ids) not in done:
-            todo.append((name, ids))
-    todo.sort(key=lambda x: len(x[1]))  # similar lengths per batch: less padding
+        for k in range(samples) if samples else [None]:
+            if (tuple(ids), k) not in done:
+                todo.append((name, ids, k))
+    todo.sort(key=lambda x: (len(x[1]), x[2] or 0))  # similar lengths per batch: less padding
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(total=len(todo), desc="regenerating responses", unit="seq")
     with open(out_path, "a", encoding="utf-8") as fh:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            width = max(len(ids) for _, ids in chunk)
+            width = max(len(ids) for _, ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(input_ids)
-            for row, (_, ids) in enumerate(chunk):
+            for row, (_, ids, _) in enumerate(chunk):
                 input_ids[row, width - len(ids):] = torch.tensor(ids)
                 mask[row, width - len(ids):] = 1
+            sampling = {}
+            if samples:
+                torch.manual_seed(seed * 1_000_003 + i)  # deterministic for a seed (per batch)
+                sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad)
-            for row, (name, ids) in enumerate(chunk):
+                                     pad_token_id=pad, **(sampling or {"do_sample": False}))
+            for row, (name, ids, k) in enumerate(chunk):
                 response = out[row, width:].tolist()
                 eos = tokenizer.eos_token_id
                 if eos in response:
                     response = response[:response.index(eos) + 1]
-                fh.write(json.dumps({"set": name, "prompt_ids": ids, "response_ids": response}) + "\n")
+                rec = {"set": name, "prompt_ids": ids, "response_ids": response}
+                fh.write(json.dumps(rec if k is None else {**rec, "sample": k}) + "\n")
             fh.flush()
             bar.update(len(chunk))
     bar.close()
