@@ -193,6 +193,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
             ax.plot([int(m.rsplit("-b", 1)[1]) for m in ms], [summary[s][m]["speedup_median"] for m in ms],
                     marker="o", label=label)
     ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.set_xticks(sorted({int(m.rsplit("-b", 1)[1]) for m in fixed}))  # the budgets run, not fractions
     ax.set_xlabel("tree budget (nodes verified per target forward)")
     ax.set_ylabel("speedup vs HF generate (median)")
     _finish_plot(plt, fig, ax, "Speedup vs tree budget", out_dir / "speedup_vs_budget.png", paths)
