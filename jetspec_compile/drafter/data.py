@@ -73,13 +73,13 @@ def regenerate(model, tokenizer, prompts: Iterable[tuple[str, str]], out_path: s
             for row, (_, ids, _) in enumerate(chunk):
                 input_ids[row, width - len(ids):] = torch.tensor(ids)
                 mask[row, width - len(ids):] = 1
-            sampling = {}
+            decoding = {"do_sample": False}
             if samples:
                 torch.manual_seed(seed * 1_000_003 + i)  # deterministic for a seed (per batch)
-                sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     pad_token_id=pad, **(sampling or {"do_sample": False}))
+                                     pad_token_id=pad, **decoding)
             for row, (name, ids, k) in enumerate(chunk):
                 response = out[row, width:].tolist()
                 eos = tokenizer.eos_token_id
