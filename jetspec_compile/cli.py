@@ -48,6 +48,10 @@ def cmd_train(args) -> None:
     from .passes import default_tap_layers
     from .prompts import load_jsonl, load_prompts
 
+    unknown = set(args.sample_sets or ()) - set(args.prompts)
+    if unknown:  # before anything loads or regenerates
+        raise SystemExit(f"--sample-sets {sorted(unknown)} not among --prompts {args.prompts}; name sets that are "
+                         "also in --prompts")
     torch.set_num_threads(args.threads)
     model, tok = load_target(args.model)
     out = Path(args.out)

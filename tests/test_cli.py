@@ -16,3 +16,11 @@ def test_unknown_model_folder_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "jetspec_compile.cli", "check", "--model", "/nonexistent"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no such folder" in out.stderr
+
+
+def test_sample_sets_outside_prompts_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jetspec_compile.cli", "train-drafter", "--out", str(tmp_path / "d"),
+                          "--prompts", "gsm", "--samples", "2", "--sample-sets", "humaneval",
+                          "--data", str(tmp_path / "data.jsonl")], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "not among --prompts" in out.stderr
+    assert not (tmp_path / "data.jsonl").exists() and not (tmp_path / "d").exists()
