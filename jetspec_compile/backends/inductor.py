@@ -15,10 +15,11 @@ extern kernel. On CPU the op would run its dense reference, so the plain SDPA gr
 
 ``lower_inductor`` is what ``optimize(model, backend="inductor")`` uses for the verify graph: shapes are static
 except the cache view length, which is marked dynamic on the first call, so each graph compiles once. On CPU it
-compiles with Inductor's ``freezing``: the weights become constants, which lets Inductor pack them for MKL's GEMM
-once and fuse everything between the GEMMs (for SmolLM2, verifying 8 nodes took 39.2 ms, against 51.6 ms in the
-eager graph with packed weights, 43.2 ms in an AOTInductor package and a 36.1 ms HF decoding step;
-``benchmarks/bench_verify.py --nodes 8 --backends eager inductor aoti``). Dynamo must trace with ``freezing`` on
+compiles with Inductor's ``freezing``: the weights become constants, which lets Inductor pack them for a GEMM
+once and fuse everything between the GEMMs. Inductor packs fp32 weights for MKL; :class:`PackedLinearPass` moves
+the linears to oneDNN where that is faster on this CPU (on an Intel Xeon, verifying 8 SmolLM2 nodes took 39.2 ms
+with MKL against a 36.1 ms HF decoding step; on an AMD EPYC, 97 ms with MKL, 42 ms after the pass, against a
+67–78 ms HF step; ``benchmarks/bench_verify.py --nodes 8 --backends inductor``). Dynamo must trace with ``freezing`` on
 (it is what turns parameters into constants), so ``lower_inductor`` sets it around the compiled call, not only
 inside the backend. A frozen graph keeps the weights it was compiled with: after changing the model's weights,
 call ``optimize`` again. Freezing also bypasses Inductor's FX-graph cache: every process compiles again (about
@@ -31,17 +32,20 @@ import functools
 import hashlib
 import inspect
 import logging
+import operator
 from typing import Callable
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from ..passes.prepack_linear_weights import CPU_LINEAR_KERNELS, choose_kernel, kernel_setting
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["TreeAttentionPass", "jetspec_backend", "lower_inductor", "STATS"]
+__all__ = ["PackedLinearPass", "TreeAttentionPass", "jetspec_backend", "lower_inductor", "STATS"]
 
 #: counters of the last compilations (tests read them): compiles, tree attentions seen by the post-grad pass
-STATS = {"compiles": 0, "frozen_compiles": 0, "tree_attention_ops": 0}
+STATS = {"compiles": 0, "frozen_compiles": 0, "tree_attention_ops": 0, "onednn_linears": 0}
 
 _SDPA_TARGETS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -70,15 +74,78 @@ class TreeAttentionPass(CustomGraphPass):
         return hashlib.sha256(inspect.getsource(type(self)).encode()).digest()
 
 
-def jetspec_backend(gm: torch.fx.GraphModule, example_inputs, freezing: bool = False) -> Callable:
-    """Dynamo backend: Inductor with the jetspec post-grad pass installed (``freezing``: weights as constants,
-    for inference graphs; ``lower_inductor`` turns it on on CPU)."""
+class PackedLinearPass(CustomGraphPass):
+    """Post-grad pass over a *frozen* CPU graph: picks the packed GEMM kernel of every fp32 linear.
+
+    With ``freezing``, Inductor packs fp32 linear weights for MKL (``mkl._mkl_linear``). MKL's small-row GEMMs
+    are fast on Intel CPUs and slow on others: on this project's AMD EPYC (Zen 4) machine an 8-node SmolLM2 verify
+    forward took 97 ms with them and 42 ms after this pass (``benchmarks/bench_verify.py``). Each MKL linear whose
+    kernel :func:`~jetspec_compile.passes.prepack_linear_weights.choose_kernel` says is slower than oneDNN here
+    (``kernel``: ``"auto"`` measures per shape, ``"mkl"`` / ``"onednn"`` force one) becomes
+    ``mkldnn._linear_pointwise`` on a weight packed for oneDNN, a constant of the frozen graph.
+    """
+
+    def __init__(self, kernel: str = "auto"):
+        if kernel not in CPU_LINEAR_KERNELS:
+            raise ValueError(f"cpu linear kernel must be one of {CPU_LINEAR_KERNELS}, got {kernel!r}")
+        self.kernel = kernel
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        mkl_linear = getattr(getattr(torch.ops, "mkl", None), "_mkl_linear", None)
+        if gm is None or mkl_linear is None or not torch.backends.mkldnn.is_available():
+            return
+        rewritten = 0
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in (mkl_linear, mkl_linear.default):
+                continue
+            x, mkl_packed, weight_node, bias, rows = node.args
+            if weight_node.op != "get_attr" or not isinstance(rows, int):
+                continue
+            weight = operator.attrgetter(weight_node.target)(gm)
+            if weight.dtype != torch.float32 or weight.dim() != 2:
+                continue
+            if choose_kernel(weight.shape[0], weight.shape[1], rows, self.kernel) != "onednn":
+                continue
+            name = f"_jetspec_onednn_{rewritten}"
+            gm.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight, rows), persistent=False)
+            with graph.inserting_before(node):
+                packed = graph.get_attr(name)
+                onednn = graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
+                                             (x, packed, bias, "none", [], ""))
+            onednn.meta.update(node.meta)
+            node.replace_all_uses_with(onednn)
+            graph.erase_node(node)
+            for unused in (mkl_packed, weight_node):  # free the MKL copy (and the plain weight) with their node
+                if unused.op == "get_attr" and not unused.users:
+                    graph.erase_node(unused)
+                    if "." not in unused.target and hasattr(gm, unused.target):
+                        delattr(gm, unused.target)
+            rewritten += 1
+        graph.eliminate_dead_code()
+        STATS["onednn_linears"] += rewritten
+        logger.info("jetspec packed-linear pass: %d linears on oneDNN", rewritten)
+
+    def uuid(self) -> bytes:
+        return hashlib.sha256(inspect.getsource(type(self)).encode() + self.kernel.encode()).digest()
+
+
+def jetspec_backend(gm: torch.fx.GraphModule, example_inputs, freezing: bool = False,
+                    cpu_linear: str = "auto") -> Callable:
+    """Dynamo backend: Inductor with the jetspec post-grad passes installed.
+
+    ``freezing``: weights as constants, for inference graphs (``lower_inductor`` turns it on on CPU).
+    ``cpu_linear``: with freezing, the packed GEMM kernel of fp32 linears (see :class:`PackedLinearPass`).
+    """
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     STATS["compiles"] += 1
     STATS["frozen_compiles"] += bool(freezing)
-    with inductor_config.patch(post_grad_custom_post_pass=TreeAttentionPass(), freezing=freezing):
+    passes = {"post_grad_custom_post_pass": TreeAttentionPass()}
+    if freezing:
+        passes["post_grad_custom_pre_pass"] = PackedLinearPass(cpu_linear)
+    with inductor_config.patch(freezing=freezing, **passes):
         return compile_fx(gm, example_inputs)
 
 
@@ -86,22 +153,28 @@ def jetspec_backend(gm: torch.fx.GraphModule, example_inputs, freezing: bool = F
 _CACHE_LENGTH_DIMS = {"cache_valid": 1, "cache_positions": 1}
 
 
-def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = None) -> Callable:
+def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = None,
+                   cpu_linear: str | None = None) -> Callable:
     """Compile a rewritten verify step's graph (after the PyTorch lowering passes) with the ``jetspec`` backend.
 
     ``kernels``: lower attention to the tree-attention custom op first (default: on CUDA models only).
     ``freezing``: compile the weights in as constants (default: on CPU models, where it packs them for MKL).
+    ``cpu_linear``: the packed GEMM kernel of frozen fp32 linears, ``"auto"`` (default; the environment variable
+    ``JETSPEC_CPU_LINEAR`` sets another), ``"onednn"`` or ``"mkl"``; see :class:`PackedLinearPass`.
     """
+
     from torch._inductor import config as inductor_config
 
     from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager
+
+    cpu_linear = kernel_setting(cpu_linear)  # a bad setting fails here, before the graph is touched
 
     cuda = next(step.model.parameters()).is_cuda
     kernels = cuda if kernels is None else kernels
     freezing = not cuda if freezing is None else freezing
     PassManager(KERNEL_LOWERING_PASSES if kernels else LOWERING_PASSES)(step)
-    compiled = torch.compile(step.graph_module, backend=functools.partial(jetspec_backend, freezing=freezing),
-                             fullgraph=True)
+    backend = functools.partial(jetspec_backend, freezing=freezing, cpu_linear=cpu_linear)
+    compiled = torch.compile(step.graph_module, backend=backend, fullgraph=True)
     first = [True]
 
     def run(**inputs):

@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 import jetspec_compile as js
 from jetspec_compile.backends import inductor
 from jetspec_compile.drafter import NGramDrafter
+from jetspec_compile.passes.prepack_linear_weights import available_kernels
 from tests.families import VOCAB, make_model
 
 
@@ -15,7 +16,7 @@ def greedy_matches(family, new_tokens, budget=8):
     model.generation_config.eos_token_id = None
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    inductor.STATS.update(compiles=0, frozen_compiles=0, tree_attention_ops=0)
+    inductor.STATS.update(compiles=0, frozen_compiles=0, tree_attention_ops=0, onednn_linears=0)
     compiled = js.optimize(model, backend="inductor", budget=budget, max_cache_len=new_tokens + 64,
                            drafter=NGramDrafter(), fallback=False)
     out = compiled.generate(ids, max_new_tokens=new_tokens)
@@ -24,9 +25,11 @@ def greedy_matches(family, new_tokens, budget=8):
     return model, len(compiled.verifier(1)._graphs)
 
 
-def test_inductor_is_lossless_and_compiles_a_bounded_number_of_times():
+def test_inductor_is_lossless_and_compiles_a_bounded_number_of_times(monkeypatch):
     from torch._inductor import config
 
+    if "onednn" in available_kernels():  # the oneDNN linears (auto picks them on SmolLM2-sized weights on AMD)
+        monkeypatch.setenv("JETSPEC_CPU_LINEAR", "onednn")
     with config.patch(fx_graph_cache=False):  # a cache hit would skip the post-grad pass we count with
         model, graphs = greedy_matches("llama", 200)
     # two graphs (prefill chunk, verify); the cache view grows in buckets over 200 tokens, but its length is
@@ -34,6 +37,8 @@ def test_inductor_is_lossless_and_compiles_a_bounded_number_of_times():
     assert graphs == 2
     assert inductor.STATS["compiles"] == graphs
     assert inductor.STATS["tree_attention_ops"] == model.config.num_hidden_layers
+    if "onednn" in available_kernels():  # every linear of both graphs moved off MKL: 7 per layer + the LM head
+        assert inductor.STATS["onednn_linears"] == graphs * (7 * model.config.num_hidden_layers + 1)
 
 
 @pytest.mark.slow
@@ -42,18 +47,20 @@ def test_inductor_other_families(family):
     greedy_matches(family, 40)
 
 
-def test_cpu_lowering_freezes_weights_and_optimize_again_takes_new_weights():
-    """On CPU the weights are compiled in as constants (Inductor packs them for MKL); after the weights change,
-    a new optimize() compiles them again and stays lossless."""
+def test_cpu_lowering_freezes_weights_and_optimize_again_takes_new_weights(monkeypatch):
+    """On CPU the weights are compiled in as constants (Inductor packs them for MKL, kept here); after the weights
+    change, a new optimize() compiles them again and stays lossless."""
+    monkeypatch.setenv("JETSPEC_CPU_LINEAR", "mkl")
     model = make_model("llama")
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
-    inductor.STATS.update(compiles=0, frozen_compiles=0)
+    inductor.STATS.update(compiles=0, frozen_compiles=0, onednn_linears=0)
     counters.clear()
     first = js.optimize(model, backend="inductor", budget=4, max_cache_len=64, drafter=NGramDrafter(), fallback=False)
     before = first.generate(ids, max_new_tokens=8)
     assert inductor.STATS["frozen_compiles"] == inductor.STATS["compiles"] >= 1
     # freezing took effect: Inductor packed the linears' weights (Dynamo must trace with it on, not only Inductor)
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] >= model.config.num_hidden_layers * 7
+    assert inductor.STATS["onednn_linears"] == 0  # JETSPEC_CPU_LINEAR=mkl: Inductor's MKL packing is left alone
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.roll(model.lm_head.weight, 1, dims=0))  # another argmax everywhere
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)

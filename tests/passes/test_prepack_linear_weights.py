@@ -1,4 +1,5 @@
 import functools
+import importlib
 
 import pytest
 import torch
@@ -6,43 +7,55 @@ import torch
 from jetspec_compile import TreeVerifier
 from jetspec_compile.backends import lower_eager
 from jetspec_compile.passes import prepack_linear_weights, prepack_supported
-from jetspec_compile.passes.prepack_linear_weights import MAX_ROWS, MIN_ROWS
+from jetspec_compile.passes.prepack_linear_weights import MAX_ROWS, MIN_ROWS, available_kernels, choose_kernel
 from jetspec_compile.runtime.verifier import build_verify_step
 from tests.families import VOCAB, make_model
 from tests.reference import assert_same_tree_verify
 
-pytestmark = pytest.mark.skipif(not prepack_supported(), reason="this PyTorch build has no MKL (not x86?)")
+module = importlib.import_module("jetspec_compile.passes.prepack_linear_weights")  # the package exports the function
+pytestmark = pytest.mark.skipif(not prepack_supported(), reason="this PyTorch build has neither MKL nor oneDNN")
 
-MKL_LINEAR = torch.ops.mkl._mkl_linear.default
+OPS = {"mkl": torch.ops.mkl._mkl_linear.default, "onednn": torch.ops.mkldnn._linear_pointwise.default}
+
+
+@pytest.fixture(params=available_kernels() or ["none"])
+def kernel(request, monkeypatch):
+    """Each packed kernel this build has, forced through JETSPEC_CPU_LINEAR (``auto`` would pick by timing)."""
+    monkeypatch.setenv("JETSPEC_CPU_LINEAR", request.param)
+    return request.param
 
 
 def _count(gm, target):
     return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
 
 
+def _packed_count(gm):
+    return sum(_count(gm, op) for op in OPS.values())
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D as addmm, biases; llama: bias-free linears
-def test_packed_graph_matches_the_plain_one(family):
+def test_packed_graph_matches_the_plain_one(family, kernel):
     model = make_model(family)
     plain = TreeVerifier(model, max_cache_len=96, num_nodes=12, compile_fn=functools.partial(lower_eager, prepack=False))
     packed = TreeVerifier(model, max_cache_len=96, num_nodes=12, compile_fn=lower_eager)
     linears = _count(plain.graph, torch.ops.aten.linear.default)
-    assert _count(packed.graph, MKL_LINEAR) == linears
+    assert _count(packed.graph, OPS[kernel]) == linears
     assert _count(packed.graph, torch.ops.aten.linear.default) == 0
     assert_same_tree_verify(plain, packed, VOCAB, tol=1e-4)
 
 
 def test_only_small_fp32_cpu_graphs_are_packed():
     model = make_model("llama")
-    step, _ = build_verify_step(model, num_nodes=MAX_ROWS + 1)  # too many rows: MKL's GEMM packs cheaply itself
+    step, _ = build_verify_step(model, num_nodes=MAX_ROWS + 1)  # too many rows: the GEMM packs cheaply itself
     result = prepack_linear_weights(step)
-    assert not result.modified and _count(step.graph_module, MKL_LINEAR) == 0
-    step, _ = build_verify_step(model, num_nodes=MIN_ROWS - 1)  # one row: MKL's GEMV needs no packing
+    assert not result.modified and _packed_count(step.graph_module) == 0
+    step, _ = build_verify_step(model, num_nodes=MIN_ROWS - 1)  # one row: a GEMV needs no packing
     assert not prepack_linear_weights(step).modified
-    step, _ = build_verify_step(model.to(torch.bfloat16), num_nodes=4)  # MKL's packed GEMM is fp32 only
+    step, _ = build_verify_step(model.to(torch.bfloat16), num_nodes=4)  # fp32 only (MKL's packed GEMM is)
     assert not prepack_linear_weights(step).modified
 
 
-def test_shared_weights_are_packed_once():
+def test_shared_weights_are_packed_once(kernel):
     model = make_model("llama")
     first, second = model.model.layers[0].mlp, model.model.layers[1].mlp
     for name in ("gate_proj", "up_proj", "down_proj"):  # one weight used by two layers' linears
@@ -50,12 +63,12 @@ def test_shared_weights_are_packed_once():
     step, _ = build_verify_step(model, num_nodes=4)
     stats = prepack_linear_weights(step).stats
     gm = step.graph_module
-    packed = [n.args[1].target for n in gm.graph.nodes if n.op == "call_function" and n.target is MKL_LINEAR]
-    assert stats["linears_prepacked"] == len(packed) == 3 * 7 + 1
+    packed = [n.args[1].target for n in gm.graph.nodes if n.op == "call_function" and n.target is OPS[kernel]]
+    assert stats["linears_prepacked"] == len(packed) == stats[f"{kernel}_linears"] == 3 * 7 + 1
     assert stats["weights_packed"] == len(set(packed)) == len(packed) - 3
 
 
-def test_graphs_of_one_row_count_share_packed_weights_and_repack_after_an_update():
+def test_graphs_of_one_row_count_share_packed_weights_and_repack_after_an_update(kernel):
     model = make_model("llama")
     small, _ = build_verify_step(model, num_nodes=4)
     large, _ = build_verify_step(model, num_nodes=12)
@@ -73,13 +86,13 @@ def test_graphs_of_one_row_count_share_packed_weights_and_repack_after_an_update
     again, _ = build_verify_step(model, num_nodes=4)
     prepack_linear_weights(again)
     x = torch.randn(1, 4, model.config.hidden_size)
-    node = next(n for n in again.graph_module.graph.nodes if n.op == "call_function" and n.target is MKL_LINEAR
-                and n.args[2].target.endswith("lm_head.weight"))
-    out = MKL_LINEAR(x, getattr(again.graph_module, node.args[1].target), model.lm_head.weight, None, 4)
+    node = next(n for n in again.graph_module.graph.nodes if n.op == "call_function" and n.target is OPS[kernel]
+                and n.meta["val"].shape[-1] == VOCAB)
+    out = module._run(kernel, x, getattr(again.graph_module, node.args[1].target), model.lm_head.weight, None, 4)
     torch.testing.assert_close(out, x @ model.lm_head.weight.t(), atol=1e-4, rtol=1e-4)
 
 
-def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch):
+def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch, kernel):
     """The runtime's draft step runs its linears (and the draft-vocabulary head) from packed weights; same
     numbers as the plain step, the drafter's own modules untouched and no parameter copied."""
     from jetspec_compile.drafter import DrafterConfig, ParallelDrafter
@@ -97,7 +110,8 @@ def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch):
     assert {id(p) for p in packed.parameters()} <= {id(p) for p in net.parameters()} | {
         id(p) for p in target.parameters()}
     calls = []
-    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda *a: calls.append(a[-1]) or MKL_LINEAR(*a))
+    run = module._run
+    monkeypatch.setattr(module, "_run", lambda k, x, *a: calls.append((k, x.shape[0])) or run(k, x, *a))
     gen = torch.Generator().manual_seed(0)
     kv = cfg.num_kv_heads, cfg.head_dim
     past = [(torch.randn(1, kv[0], 6, kv[1], generator=gen), torch.randn(1, kv[0], 6, kv[1], generator=gen))
@@ -110,4 +124,40 @@ def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch):
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
     for x, y in zip(kv_a, kv_b):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)
-    assert 3 in calls and 4 in calls  # the 3 new context tokens and the 4-token block both ran packed
+    assert (kernel, 3) in calls and (kernel, 4) in calls  # the 3 new context tokens and the 4-token block ran packed
+
+
+
+def test_auto_takes_the_faster_kernel_per_shape(monkeypatch):
+    """``auto`` times both kernels once per (out, in, rows) and takes the faster; the pass then mixes them."""
+    if len(available_kernels()) < 2:
+        pytest.skip(f"only {available_kernels()} in this build: nothing to choose between")
+    monkeypatch.delenv("JETSPEC_CPU_LINEAR", raising=False)
+    model = make_model("llama")
+    h, v = model.config.hidden_size, model.config.vocab_size
+    timings = dict(module.TIMINGS)
+    monkeypatch.setattr(module, "TIMINGS", timings)
+    monkeypatch.setattr(module, "_PACKED", {})
+    timings[(v, h, 4)] = {"mkl": 2.0, "onednn": 1.0}  # the LM head: oneDNN "measured" faster
+    assert choose_kernel(v, h, 4) == "onednn" and choose_kernel(v, h, 4, "mkl") == "mkl"
+    measured = choose_kernel(h, h, 4)  # not seeded: measured now, and memoized
+    assert set(timings[(h, h, 4)]) == {"mkl", "onednn"} and measured == min(timings[(h, h, 4)], key=timings[(h, h, 4)].get)
+    for key in list(timings):
+        if key != (v, h, 4):
+            timings[key] = {"mkl": 1.0, "onednn": 2.0}
+    for out_f, in_f in {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}:
+        timings.setdefault((out_f, in_f, 4), {"mkl": 1.0, "onednn": 2.0})
+    step, _ = build_verify_step(model, num_nodes=4)
+    stats = prepack_linear_weights(step).stats
+    assert stats["onednn_linears"] == 1 and stats["mkl_linears"] == 3 * 7
+
+
+def test_a_bad_kernel_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("JETSPEC_CPU_LINEAR", "blas")
+    with pytest.raises(ValueError, match="JETSPEC_CPU_LINEAR.*'auto', 'mkl', 'onednn'.*'blas'"):
+        choose_kernel(8, 8, 4)
+    from jetspec_compile.backends.inductor import lower_inductor
+
+    step, _ = build_verify_step(make_model("llama"), num_nodes=4)
+    with pytest.raises(ValueError, match="blas"):
+        lower_inductor(step)
