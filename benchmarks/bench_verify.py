@@ -4,12 +4,17 @@ lowering backend (eager FX graph, Inductor via torch.compile, AOTInductor packag
 first call (Inductor) or the package build (AOTInductor, inside construction), reported apart.
 
     python benchmarks/bench_verify.py [--threads 2] [--reps 15] [--context 128] [--backends eager inductor aoti]
+                                      [--cpu-linear mkl onednn auto]
+
+``--cpu-linear``: the packed GEMM kernel of the fp32 linears (eager and Inductor; ``JETSPEC_CPU_LINEAR``), one
+row per setting, to compare MKL and oneDNN on this CPU in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -27,23 +32,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128, help="committed prefix length")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 16, 32, 64])
     ap.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "inductor", "aoti", "onnxruntime"])
+    ap.add_argument("--cpu-linear", nargs="+", default=["auto"], choices=["auto", "mkl", "onednn"],
+                    help="packed GEMM kernel(s) of fp32 CPU linears (eager, inductor)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_smollm2()
     prompt = torch.randint(100, 20000, (1, args.context), generator=torch.Generator().manual_seed(0))
-
-    verifiers, capture, first_call = {}, {}, {}
-    for backend in args.backends:
-        for n in args.nodes:
-            start = time.perf_counter()
-            v = TreeVerifier(model, max_cache_len=args.context + 2 * max(args.nodes) + 64, num_nodes=n,
-                             self_check=False, compile_fn=lower(backend), prefill_chunk=n)  # what optimize() runs
-            capture[backend, n] = time.perf_counter() - start
-            start = time.perf_counter()
-            v.prefill(prompt)  # first call: Inductor compiles here
-            first_call[backend, n] = time.perf_counter() - start
-            verifiers[backend, n] = v
 
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
@@ -61,6 +56,23 @@ def main() -> None:
         v.verify(torch.randint(100, 20000, (1, n)), tree)
         v._pending = None  # discard: the cache pointer did not move
 
+    verifiers, capture, first_call = {}, {}, {}
+    for kernel in args.cpu_linear:
+        os.environ["JETSPEC_CPU_LINEAR"] = kernel  # read while the graphs are built and compiled
+        for backend in args.backends:
+            for n in args.nodes:
+                key = backend, n, kernel
+                start = time.perf_counter()
+                v = TreeVerifier(model, max_cache_len=args.context + 2 * max(args.nodes) + 64, num_nodes=n,
+                                 self_check=False, compile_fn=lower(backend), prefill_chunk=n)  # what optimize() runs
+                capture[key] = time.perf_counter() - start
+                start = time.perf_counter()
+                v.prefill(prompt)
+                verifiers[key] = v
+                verify_step(key)  # first call: Inductor compiles here
+                first_call[key] = time.perf_counter() - start
+    os.environ.pop("JETSPEC_CPU_LINEAR")
+
     keys = list(verifiers)
     times = {"hf": []} | {k: [] for k in keys}
     for _ in range(2):  # warm-up (Inductor may recompile once the cache length turns dynamic)
@@ -75,18 +87,27 @@ def main() -> None:
     print(f"SmolLM2-135M, {args.threads} threads, prefix {args.context} tokens, median of {args.reps}")
     print(f"HF decode step: {hf * 1e3:.1f} ms")
     rows = []
-    for backend, n in keys:
-        med = statistics.median(times[backend, n])
-        eager = statistics.median(times["eager", n]) if ("eager", n) in times else None
-        rows.append({"backend": backend, "nodes": n, "capture_s": capture[backend, n],
-                     "first_call_s": first_call[backend, n], "verify_ms": med * 1e3, "ratio_vs_hf_step": med / hf,
+    for key in keys:
+        backend, n, kernel = key
+        med = statistics.median(times[key])
+        eager = statistics.median(times["eager", n, kernel]) if ("eager", n, kernel) in times else None
+        rows.append({"backend": backend, "nodes": n, "cpu_linear": kernel, "capture_s": capture[key],
+                     "first_call_s": first_call[key], "verify_ms": med * 1e3, "ratio_vs_hf_step": med / hf,
                      "speedup_vs_eager": eager / med if eager else None})
         vs = f"  {eager / med:.2f}x faster than eager" if eager and backend != "eager" else ""
-        print(f"{backend:11s} N={n:3d}: build {capture[backend, n]:6.1f}s  first call {first_call[backend, n]:6.1f}s  "
-              f"verify {med * 1e3:6.1f} ms = {med / hf:.2f}x an HF step{vs}")
+        print(f"{backend:11s} N={n:3d} linears={kernel:6s}: build {capture[key]:6.1f}s  first call "
+              f"{first_call[key]:6.1f}s  verify {med * 1e3:6.1f} ms = {med / hf:.2f}x an HF step{vs}")
+    from jetspec_compile.passes.prepack_linear_weights import TIMINGS
+
+    for (out_f, in_f, rows), t in sorted(TIMINGS.items()):  # what "auto" measured and chose, per weight shape
+        picked = min(t, key=t.get)
+        print(f"auto: {rows:3d} x {in_f:5d} -> {out_f:5d}: " + "  ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t.items())
+              + f"  -> {picked}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"hf_step_ms": hf * 1e3, "rows": rows, "threads": args.threads}, fh, indent=2)
+            json.dump({"hf_step_ms": hf * 1e3, "rows": rows, "threads": args.threads,
+                       "auto_timings_ms": [{"out": o, "in": i, "rows": r, **{k: v * 1e3 for k, v in t.items()}}
+                                           for (o, i, r), t in sorted(TIMINGS.items())]}, fh, indent=2)
 
 
 if __name__ == "__main__":
