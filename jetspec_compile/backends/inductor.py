@@ -19,11 +19,12 @@ compiles with Inductor's ``freezing``: the weights become constants, which lets 
 once and fuse everything between the GEMMs. Inductor packs fp32 weights for MKL; :class:`PackedLinearPass` moves
 the linears to oneDNN where that is faster on this CPU (on an Intel Xeon, verifying 8 SmolLM2 nodes took 39.2 ms
 with MKL against a 36.1 ms HF decoding step; on an AMD EPYC, 97 ms with MKL, 42 ms after the pass, against a
-67–78 ms HF step; ``benchmarks/bench_verify.py --nodes 8 --backends inductor``). Dynamo must trace with ``freezing`` on
-(it is what turns parameters into constants), so ``lower_inductor`` sets it around the compiled call, not only
-inside the backend. A frozen graph keeps the weights it was compiled with: after changing the model's weights,
-call ``optimize`` again. Freezing also bypasses Inductor's FX-graph cache: every process compiles again (about
-two minutes per graph for SmolLM2 on 2 cores); an AOTInductor package is compiled once and loaded from disk.
+67–78 ms HF step; ``benchmarks/bench_verify.py --nodes 8 --backends inductor``). Dynamo must trace with
+``freezing`` on (it is what turns parameters into constants), so ``lower_inductor`` sets it around the compiled
+call, not only inside the backend. A frozen graph keeps the weights it was compiled with: after changing the
+model's weights, call ``optimize`` again. Freezing also bypasses Inductor's FX-graph cache: every process compiles
+again (about two minutes per graph for SmolLM2 on 2 cores); an AOTInductor package is compiled once and loaded
+from disk.
 """
 
 from __future__ import annotations
@@ -158,11 +159,10 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     """Compile a rewritten verify step's graph (after the PyTorch lowering passes) with the ``jetspec`` backend.
 
     ``kernels``: lower attention to the tree-attention custom op first (default: on CUDA models only).
-    ``freezing``: compile the weights in as constants (default: on CPU models, where it packs them for MKL).
+    ``freezing``: compile the weights in as constants (default: on CPU models, where it packs them for a GEMM).
     ``cpu_linear``: the packed GEMM kernel of frozen fp32 linears, ``"auto"`` (default; the environment variable
     ``JETSPEC_CPU_LINEAR`` sets another), ``"onednn"`` or ``"mkl"``; see :class:`PackedLinearPass`.
     """
-
     from torch._inductor import config as inductor_config
 
     from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager

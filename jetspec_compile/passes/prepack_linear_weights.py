@@ -47,8 +47,8 @@ from torch import fx, nn
 from .manager import PassResult
 from .patterns import val
 
-__all__ = ["prepack_linear_weights", "MIN_ROWS", "MAX_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting",
-           "choose_kernel", "packed_linear", "prepack_supported", "with_packed_linears"]
+__all__ = ["prepack_linear_weights", "MIN_ROWS", "MAX_ROWS", "CPU_LINEAR_KERNELS", "available_kernels",
+           "kernel_setting", "choose_kernel", "packed_linear", "prepack_supported", "with_packed_linears"]
 
 #: row counts (batch x tree nodes) whose linears are packed: one row is a GEMV (no packing to save), and above
 #: MAX_ROWS the GEMM's own packing is amortised (the 64-token prefill chunk runs once per prompt)
@@ -74,6 +74,7 @@ def prepack_supported() -> bool:
 
 
 def kernel_setting(kernel: str | None) -> str:
+    """``kernel`` if given, else ``JETSPEC_CPU_LINEAR``, else ``"auto"``; a clear error for anything else."""
     kernel = kernel or os.environ.get("JETSPEC_CPU_LINEAR") or "auto"
     if kernel not in CPU_LINEAR_KERNELS:
         raise ValueError(f"cpu linear kernel (argument or JETSPEC_CPU_LINEAR) must be one of {CPU_LINEAR_KERNELS}, "
@@ -137,9 +138,9 @@ def _run(kernel: str, x, packed, weight, bias, rows: int):
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-#: id(weight) -> (weak reference, its version counter, {row count: (setting, kernel, packed)}) — shared by every graph of
-#: a model, dropped with the weight (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
-_PACKED: dict[int, tuple[weakref.ref, int, dict[int, tuple[str, torch.Tensor]]]] = {}
+#: id(weight) -> (weak reference, its version counter, {row count: (setting, kernel, packed)}) — shared by every
+#: graph of a model, dropped with the weight (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
+_PACKED: dict[int, tuple[weakref.ref, int, dict[int, tuple[str, str, torch.Tensor]]]] = {}
 
 
 def _packed(weight: torch.Tensor, rows: int) -> tuple[str, torch.Tensor]:
