@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from ..passes.prepack_linear_weights import CPU_LINEAR_KERNELS, choose_kernel, kernel_setting
+from ..passes.prepack_linear_weights import CPU_LINEAR_KERNELS, choose_kernel, kernel_setting, pack_weight
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class PackedLinearPass(CustomGraphPass):
             if choose_kernel(weight.shape[0], weight.shape[1], rows, self.kernel) != "onednn":
                 continue
             name = f"_jetspec_onednn_{rewritten}"
-            gm.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight, rows), persistent=False)
+            gm.register_buffer(name, pack_weight("onednn", weight, rows), persistent=False)
             with graph.inserting_before(node):
                 packed = graph.get_attr(name)
                 onednn = graph.call_function(torch.ops.mkldnn._linear_pointwise.default,

@@ -48,7 +48,8 @@ from .manager import PassResult
 from .patterns import val
 
 __all__ = ["prepack_linear_weights", "MIN_ROWS", "MAX_ROWS", "CPU_LINEAR_KERNELS", "available_kernels",
-           "kernel_setting", "choose_kernel", "packed_linear", "prepack_supported", "with_packed_linears"]
+           "kernel_setting", "choose_kernel", "pack_weight", "run_packed", "packed_linear", "prepack_supported",
+           "with_packed_linears"]
 
 #: row counts (batch x tree nodes) whose linears are packed: one row is a GEMV (no packing to save), and above
 #: MAX_ROWS the GEMM's own packing is amortised (the 64-token prefill chunk runs once per prompt)
@@ -92,13 +93,13 @@ def _time_kernels(out_features: int, in_features: int, rows: int, reps: int = 10
         gen = torch.Generator().manual_seed(0)
         weight = torch.randn(out_features, in_features, generator=gen)
         x = torch.randn(rows, in_features, generator=gen)
-        packed = {k: _pack(k, weight, rows) for k in available_kernels()}
+        packed = {k: pack_weight(k, weight, rows) for k in available_kernels()}
         times: dict[str, list[float]] = {k: [] for k in packed}
         with torch.no_grad():
             for rep in range(reps + 2):
                 for k, w in packed.items():  # interleaved, so drift hits both alike
                     start = time.perf_counter()
-                    _run(k, x, w, weight, None, rows)
+                    run_packed(k, x, w, weight, None, rows)
                     if rep >= 2:  # the first calls warm caches and oneDNN's primitive cache
                         times[k].append(time.perf_counter() - start)
         TIMINGS[key] = {k: statistics.median(t) for k, t in times.items()}
@@ -126,13 +127,15 @@ def choose_kernel(out_features: int, in_features: int, rows: int, kernel: str | 
     return min(times, key=times.get)
 
 
-def _pack(kernel: str, weight: torch.Tensor, rows: int) -> torch.Tensor:
+def pack_weight(kernel: str, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` ``[out, in]`` packed for ``kernel``'s ``rows``-row GEMM (an opaque tensor)."""
     if kernel == "mkl":
         return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
-def _run(kernel: str, x, packed, weight, bias, rows: int):
+def run_packed(kernel: str, x, packed, weight, bias, rows: int):
+    """``F.linear(x, weight, bias)`` through ``kernel`` from ``packed = pack_weight(kernel, weight, rows)``."""
     if kernel == "mkl":
         return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -157,7 +160,7 @@ def _packed(weight: torch.Tensor, rows: int) -> tuple[str, torch.Tensor]:
     if by_rows.get(rows, (None,))[0] != setting:  # new row count, or JETSPEC_CPU_LINEAR changed since
         kernel = choose_kernel(weight.shape[0], weight.shape[1], rows, setting)
         with torch.no_grad():
-            by_rows[rows] = setting, kernel, _pack(kernel, weight.detach(), rows)
+            by_rows[rows] = setting, kernel, pack_weight(kernel, weight.detach(), rows)
     return by_rows[rows][1:]
 
 
@@ -168,7 +171,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
             and x.device.type == "cpu" and not torch.is_grad_enabled() and prepack_supported()):
         kernel, packed = _packed(weight, rows)
-        out = _run(kernel, x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
+        out = run_packed(kernel, x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 

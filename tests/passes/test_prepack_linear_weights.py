@@ -88,7 +88,7 @@ def test_graphs_of_one_row_count_share_packed_weights_and_repack_after_an_update
     x = torch.randn(1, 4, model.config.hidden_size)
     node = next(n for n in again.graph_module.graph.nodes if n.op == "call_function" and n.target is OPS[kernel]
                 and n.meta["val"].shape[-1] == VOCAB)
-    out = module._run(kernel, x, getattr(again.graph_module, node.args[1].target), model.lm_head.weight, None, 4)
+    out = module.run_packed(kernel, x, getattr(again.graph_module, node.args[1].target), model.lm_head.weight, None, 4)
     torch.testing.assert_close(out, x @ model.lm_head.weight.t(), atol=1e-4, rtol=1e-4)
 
 
@@ -110,8 +110,8 @@ def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch, ke
     assert {id(p) for p in packed.parameters()} <= {id(p) for p in net.parameters()} | {
         id(p) for p in target.parameters()}
     calls = []
-    run = module._run
-    monkeypatch.setattr(module, "_run", lambda k, x, *a: calls.append((k, x.shape[0])) or run(k, x, *a))
+    run = module.run_packed
+    monkeypatch.setattr(module, "run_packed", lambda k, x, *a: calls.append((k, x.shape[0])) or run(k, x, *a))
     gen = torch.Generator().manual_seed(0)
     kv = cfg.num_kv_heads, cfg.head_dim
     past = [(torch.randn(1, kv[0], 6, kv[1], generator=gen), torch.randn(1, kv[0], 6, kv[1], generator=gen))
