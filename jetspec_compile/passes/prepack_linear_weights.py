@@ -35,6 +35,7 @@ linears pack per row count on first use (:func:`packed_linear`).
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import os
 import statistics
@@ -59,6 +60,7 @@ MIN_ROWS, MAX_ROWS = 2, 32
 CPU_LINEAR_KERNELS = ("auto", "mkl", "onednn")
 
 
+@functools.cache  # a property of the build; packed_linear asks on every drafter linear call
 def available_kernels() -> tuple[str, ...]:
     """The packed fp32 GEMM kernels this PyTorch build has (MKL on x86 builds, oneDNN on most)."""
     kernels = []
