@@ -69,7 +69,10 @@ def cmd_train(args) -> None:
                    samples=args.samples, temperature=args.temperature, seed=args.seed)
     records = read_sequences(data)
     taps = tuple(args.tap_layers) if args.tap_layers else default_tap_layers(model.config.num_hidden_layers)
-    feats = compute_features(model, records, taps)
+    from .models import cache_dir
+
+    features_dir = None if args.no_feature_cache else Path(args.feature_cache or cache_dir() / "features")
+    feats = compute_features(model, records, taps, cache_dir=features_dir)
     n_eval = max(1, len(feats) // 20)
     dcfg = DrafterConfig.for_target(model.config, taps, num_layers=args.layers, block_size=args.block_size)
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
@@ -200,7 +203,11 @@ def main(argv=None) -> None:
     tr.add_argument("--loss", choices=["ce", "kl"], default="ce")
     tr.add_argument("--reveal-prob", type=float, default=0.25,
                     help="share of blocks trained with their first 1-2 path tokens given (path-conditioned trees)")
-    tr.add_argument("--init-from", help="continue from this drafter checkpoint folder (same config) on new data")
+    tr.add_argument("--init-from", help="continue from this drafter checkpoint folder on new data (same config; "
+                    "with a larger --layers its layers are kept and new ones appended, starting as identities)")
+    tr.add_argument("--feature-cache", help="folder of cached target features (default: <cache>/features); a rerun "
+                    "on the same data skips the target forwards")
+    tr.add_argument("--no-feature-cache", action="store_true", help="recompute features, write no cache")
     tr.add_argument("--draft-vocab", type=int, default=4096,
                     help="train and draft over the N most frequent tokens of the target's responses (0: all; see "
                          "draft-vocab)")

@@ -13,6 +13,7 @@ with warm-up, gradient clipping; checkpoints and resume; deterministic for a see
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -25,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..capture import text_config
 from .checkpoint import save_drafter
 from .model import DrafterConfig, ParallelDrafter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "compute_features", "train_drafter", "block_mask", "init_from_target", "evaluate"]
+__all__ = ["TrainConfig", "compute_features", "model_fingerprint", "grow_layers", "train_drafter", "block_mask", "init_from_target", "evaluate"]
 
 #: drafter parameter suffix -> target decoder-layer parameter suffixes it can start from (Llama-style names)
 _LAYER_NAMES = {
@@ -76,8 +78,21 @@ class TrainConfig:
                              f"{self.max_reveal}")
 
 
+def model_fingerprint(target) -> str:
+    """A short hash naming ``target``'s weights: its config and a checksum of every parameter tensor (a few
+    hundred ms for a 135M model). Keys the feature cache, so features of another model or of fine-tuned
+    weights are never reused."""
+    h = hashlib.sha1(text_config(target).to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            h.update(name.encode())
+            h.update(repr((tuple(p.shape), float(p.float().sum()), float(p.float().abs().sum()))).encode())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
-def compute_features(target, records: list[dict], tap_layers, max_len: int = 512, progress: bool = True):
+def compute_features(target, records: list[dict], tap_layers, max_len: int = 512, progress: bool = True,
+                     cache_dir: str | Path | None = None):
     """Run the target once per sequence; return ``[(ids [T], hidden [T, K*H] fp16, prompt_len)]``.
 
     The features are what feeds the drafter at inference: the outputs of the tapped decoder layers. When no tap
@@ -85,24 +100,68 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
     layer ``i``'s output), which is several times faster than the verify graph's chunked prefill; a tap on the
     last layer goes through the verify graph itself (:meth:`TreeVerifier.prefill`), because HF returns that
     layer after the final norm.
+
+    ``cache_dir`` keeps each sequence's features in ``cache_dir/<model fingerprint>/<key>.pt`` (the key hashes
+    the token ids, taps and ``max_len``), so a second training run on the same data skips the target forwards
+    (about 0.6 s per SmolLM2 sequence on 2 cores; ~1.7 MB per 300-token sequence on disk). Files are written to
+    a temporary name and renamed, so an interrupted run leaves no partial entry; an unreadable entry is
+    recomputed.
     """
-    from ..capture import text_config
     from ..runtime.verifier import TreeVerifier
 
     taps = tuple(tap_layers)
     plain = max(taps) < text_config(target).num_hidden_layers - 1
-    verifier = None if plain else TreeVerifier(target, max_cache_len=max_len + 65, num_nodes=64, tap_layers=taps,
-                                               self_check=False)
-    feats = []
-    for rec in tqdm(records, desc="target features", unit="seq", disable=not progress):
+    verifier = None
+    folder = None if cache_dir is None else Path(cache_dir) / model_fingerprint(target)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    feats, hits = [], 0
+    bar = tqdm(records, desc="target features", unit="seq", disable=not progress)
+    for rec in bar:
         ids = torch.tensor(rec["prompt_ids"] + rec["response_ids"])[:max_len]
+        prompt_len = min(len(rec["prompt_ids"]), len(ids) - 1)
+        entry = None
+        if folder is not None:
+            key = hashlib.sha1(repr((taps, max_len)).encode() + ids.numpy().astype("<i8").tobytes()).hexdigest()
+            entry = folder / f"{key}.pt"
+            hidden = _read_cached(entry, ids.shape[0], len(taps) * text_config(target).hidden_size)
+            if hidden is not None:
+                feats.append((ids, hidden, prompt_len))
+                hits += 1
+                bar.set_postfix(cached=hits)
+                continue
         if plain:
             states = target(input_ids=ids[None], output_hidden_states=True, use_cache=False).hidden_states
             hidden = torch.cat([states[i + 1][0] for i in taps], dim=-1)
         else:
+            if verifier is None:
+                verifier = TreeVerifier(target, max_cache_len=max_len + 65, num_nodes=64, tap_layers=taps,
+                                        self_check=False)
             hidden = verifier.prefill(ids[None])[1][0]
-        feats.append((ids, hidden.half(), min(len(rec["prompt_ids"]), len(ids) - 1)))
+        hidden = hidden.half().contiguous()
+        if entry is not None:
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+            torch.save(hidden, tmp)
+            os.replace(tmp, entry)
+        feats.append((ids, hidden, prompt_len))
+    if folder is not None:
+        logger.info("features: %d of %d sequences from the cache %s", hits, len(records), folder)
     return feats
+
+
+def _read_cached(entry: Path, length: int, width: int) -> torch.Tensor | None:
+    """A cached feature tensor of the expected shape, or None (absent, unreadable or of another shape)."""
+    if not entry.exists():
+        return None
+    try:
+        hidden = torch.load(entry, weights_only=True)
+    except Exception as err:  # a torn or foreign file: recompute it (and overwrite it)
+        logger.warning("feature cache entry %s is unreadable (%s); recomputing it", entry, err)
+        return None
+    if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (length, width) or hidden.dtype != torch.float16:
+        logger.warning("feature cache entry %s has the wrong shape or dtype; recomputing it", entry)
+        return None
+    return hidden
 
 
 def block_mask(anchors: torch.Tensor, length: int, block: int) -> torch.Tensor:
@@ -145,6 +204,29 @@ def init_from_target(drafter: ParallelDrafter, target) -> list[str]:
         drafter.norm.weight.copy_(final.weight)
         copied.append("norm")
     return copied
+
+
+@torch.no_grad()
+def grow_layers(drafter: ParallelDrafter, num_layers: int) -> ParallelDrafter:
+    """A copy of ``drafter`` with decoder layers appended up to ``num_layers``, computing exactly what it computes.
+
+    Each new layer starts as a copy of the last one with its two residual outputs (``o_proj``, ``down_proj``)
+    zeroed, so it adds nothing until training moves those weights: continuing a trained drafter with more
+    capacity (``train-drafter --init-from D --layers N``) starts from its accuracy instead of from scratch.
+    """
+    if num_layers < drafter.cfg.num_layers:
+        raise ValueError(f"cannot grow a {drafter.cfg.num_layers}-layer drafter to {num_layers} layers")
+    cfg = dataclasses.replace(drafter.cfg, num_layers=num_layers)
+    grown = ParallelDrafter(cfg, drafter.embed, drafter.lm_head)
+    state = dict(drafter.state_dict())
+    last = drafter.cfg.num_layers - 1
+    for i in range(drafter.cfg.num_layers, num_layers):
+        for name, value in drafter.layers[last].state_dict().items():
+            zero = name in ("o_proj.weight", "down_proj.weight")
+            state[f"layers.{i}.{name}"] = torch.zeros_like(value) if zero else value.clone()
+    grown.load_state_dict(state)
+    p = drafter.fc.weight
+    return grown.to(device=p.device, dtype=p.dtype).train(drafter.training)
 
 
 def _head(drafter: ParallelDrafter):
@@ -234,9 +316,15 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
     if init_checkpoint is not None:
         from .checkpoint import load_drafter
         start = load_drafter(init_checkpoint, target).restrict_vocab(None)  # trained over the whole vocabulary
-        if dataclasses.replace(start.cfg, target_name=drafter_cfg.target_name) != drafter_cfg:
+        same = dataclasses.replace(start.cfg, target_name=drafter_cfg.target_name, num_layers=drafter_cfg.num_layers)
+        if same != drafter_cfg or start.cfg.num_layers > drafter_cfg.num_layers:
             raise ValueError(f"{init_checkpoint} has config {start.cfg}, this run asks for {drafter_cfg}; "
-                             "continue with the same layers, block size and taps, or train from scratch")
+                             "continue with the same block size and taps and at least as many layers, "
+                             "or train from scratch")
+        if start.cfg.num_layers < drafter_cfg.num_layers:
+            logger.info("growing %s from %d to %d layers", init_checkpoint, start.cfg.num_layers,
+                        drafter_cfg.num_layers)
+            start = grow_layers(start, drafter_cfg.num_layers)
         drafter.load_state_dict(start.state_dict())
         logger.info("initialised from %s", init_checkpoint)
     elif warm_start:

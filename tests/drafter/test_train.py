@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from jetspec_compile.drafter import DrafterConfig, load_drafter
-from jetspec_compile.drafter.train import TrainConfig, compute_features, evaluate, train_drafter
+from jetspec_compile.drafter.train import (TrainConfig, block_mask, compute_features, evaluate, grow_layers,
+                                            model_fingerprint, train_drafter)
 from tests.families import VOCAB, make_model
 
 TAPS = (0, 2)
@@ -80,10 +81,81 @@ def test_reveal_training_and_continuing_from_a_checkpoint(setup, tmp_path):
     for a, b in zip(saved.state_dict().values(), more.state_dict().values()):
         torch.testing.assert_close(a, b)  # lr 0: continuing keeps the checkpoint's weights
     assert first is not None
-    other = dataclasses.replace(cfg, num_layers=2)
-    with pytest.raises(ValueError, match="continue with the same"):
-        train_drafter(target, feats, other, small(), tmp_path / "r3", progress=False,
-                      init_checkpoint=tmp_path / "r" / "drafter")
+    for other in (dataclasses.replace(cfg, block_size=3), dataclasses.replace(cfg, num_layers=0)):
+        with pytest.raises(ValueError, match="continue with the same"):
+            train_drafter(target, feats, other, small(), tmp_path / "r3", progress=False,
+                          init_checkpoint=tmp_path / "r" / "drafter")
+    assert not (tmp_path / "r3" / "drafter").exists()
+
+
+def test_growing_a_trained_drafter_keeps_what_it_computes_then_trains_the_new_layer(setup, tmp_path):
+    """``--init-from D --layers N``: appended layers start as identities (zeroed residual outputs), so the grown
+    drafter drafts exactly what D drafts; training then moves them."""
+    target, feats, cfg = setup
+    train_drafter(target, feats[4:], cfg, small(), tmp_path / "one", progress=False)
+    start = load_drafter(tmp_path / "one" / "drafter", target)
+    grown = grow_layers(start, 2)
+    assert grown.cfg.num_layers == 2 and len(grown.layers) == 2
+    ids, hidden, prompt_len = feats[0]
+    anchors = torch.tensor([prompt_len, prompt_len + 3])
+    s = cfg.block_size
+    positions = (anchors[:, None] + torch.arange(s)[None]).reshape(1, -1)
+    mask = block_mask(anchors, ids.shape[0], s)
+    with torch.no_grad():
+        a = start(ids[anchors][None], positions, start.context_kv(hidden[None].float(), torch.arange(ids.shape[0])[None]), mask)
+        b = grown(ids[anchors][None], positions, grown.context_kv(hidden[None].float(), torch.arange(ids.shape[0])[None]), mask)
+    torch.testing.assert_close(a, b)
+    assert evaluate(grown, feats[:4]) == evaluate(start, feats[:4])
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_layers(grown, 1)
+    two = dataclasses.replace(cfg, num_layers=2)
+    trained = train_drafter(target, feats[4:], two, small(epochs=2), tmp_path / "two", progress=False,
+                            init_checkpoint=tmp_path / "one" / "drafter")
+    assert trained.cfg.num_layers == 2
+    assert trained.layers[1].o_proj.weight.abs().sum() > 0 and trained.layers[1].down_proj.weight.abs().sum() > 0
+    assert load_drafter(tmp_path / "two" / "drafter", target).cfg.num_layers == 2
+
+
+def test_feature_cache_skips_the_target_and_never_serves_stale_features(setup, tmp_path, caplog):
+    target, feats, _ = setup
+    taps = (0, 1)  # no last-layer tap: features come from target.forward, which the hook counts
+    records = [{"prompt_ids": f[0][:f[2]].tolist(), "response_ids": f[0][f[2]:].tolist()} for f in feats[:5]]
+    reference = compute_features(target, records, taps, progress=False)
+    calls = {"n": 0}
+    hook = target.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        first = compute_features(target, records, taps, progress=False, cache_dir=tmp_path)
+        assert calls["n"] == 5
+        again = compute_features(target, records, taps, progress=False, cache_dir=tmp_path)
+        assert calls["n"] == 5  # every sequence came from the cache
+        for (ids_a, h_a, p_a), (ids_b, h_b, p_b), (ids_c, h_c, p_c) in zip(first, again, reference):
+            assert torch.equal(ids_a, ids_b) and p_a == p_b == p_c
+            torch.testing.assert_close(h_a, h_b, rtol=0, atol=0)
+            torch.testing.assert_close(h_a, h_c, rtol=0, atol=0)  # what computing without a cache gives
+        # other taps, a torn entry: recomputed, not served
+        compute_features(target, records[:1], (1,), progress=False, cache_dir=tmp_path)
+        assert calls["n"] == 6
+        (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+        entries = sorted(folder.glob("*.pt"), key=lambda e: e.stat().st_mtime)
+        entries[0].write_bytes(entries[0].read_bytes()[:100])
+        with caplog.at_level("WARNING"):
+            repaired = compute_features(target, records, taps, progress=False, cache_dir=tmp_path)
+        assert calls["n"] == 7 and "unreadable" in caplog.text
+        for (_, h_a, _), (_, h_b, _) in zip(first, repaired):
+            torch.testing.assert_close(h_a, h_b, rtol=0, atol=0)
+        assert not list(folder.glob(".*.tmp"))
+    finally:
+        hook.remove()
+    # a last-layer tap goes through the verify graph; its features are cached the same way
+    last = compute_features(target, records[:2], TAPS, progress=False, cache_dir=tmp_path)
+    for (_, h_a, _), (_, h_b, _) in zip(last, feats[:2]):
+        torch.testing.assert_close(h_a, h_b, rtol=0, atol=0)
+    # other weights (same config): another fingerprint, so nothing is reused
+    changed = make_model("llama")
+    with torch.no_grad():
+        changed.model.norm.weight.add_(0.5)
+    assert model_fingerprint(changed) != model_fingerprint(target)
+    assert model_fingerprint(make_model("llama")) == model_fingerprint(target)
 
 
 def test_bad_training_input_is_refused(setup, tmp_path):
