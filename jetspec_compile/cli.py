@@ -45,6 +45,7 @@ def cmd_train(args) -> None:
     from .drafter import save_drafter
     from .drafter.model import DrafterConfig
     from .drafter.train import TrainConfig, compute_features, evaluate, train_drafter
+    from .models import cache_dir
     from .passes import default_tap_layers
     from .prompts import load_jsonl, load_prompts
 
@@ -69,8 +70,6 @@ def cmd_train(args) -> None:
                    samples=args.samples, temperature=args.temperature, seed=args.seed)
     records = read_sequences(data)
     taps = tuple(args.tap_layers) if args.tap_layers else default_tap_layers(model.config.num_hidden_layers)
-    from .models import cache_dir
-
     features_dir = None if args.no_feature_cache else Path(args.feature_cache or cache_dir() / "features")
     feats = compute_features(model, records, taps, cache_dir=features_dir)
     n_eval = max(1, len(feats) // 20)

@@ -32,7 +32,8 @@ from .model import DrafterConfig, ParallelDrafter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "compute_features", "model_fingerprint", "grow_layers", "train_drafter", "block_mask", "init_from_target", "evaluate"]
+__all__ = ["TrainConfig", "compute_features", "model_fingerprint", "grow_layers", "train_drafter", "block_mask",
+           "init_from_target", "evaluate"]
 
 #: drafter parameter suffix -> target decoder-layer parameter suffixes it can start from (Llama-style names)
 _LAYER_NAMES = {
@@ -110,7 +111,8 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
     from ..runtime.verifier import TreeVerifier
 
     taps = tuple(tap_layers)
-    plain = max(taps) < text_config(target).num_hidden_layers - 1
+    tc = text_config(target)
+    plain = max(taps) < tc.num_hidden_layers - 1
     verifier = None
     folder = None if cache_dir is None else Path(cache_dir) / model_fingerprint(target)
     if folder is not None:
@@ -124,7 +126,7 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
         if folder is not None:
             key = hashlib.sha1(repr((taps, max_len)).encode() + ids.numpy().astype("<i8").tobytes()).hexdigest()
             entry = folder / f"{key}.pt"
-            hidden = _read_cached(entry, ids.shape[0], len(taps) * text_config(target).hidden_size)
+            hidden = _read_cached(entry, ids.shape[0], len(taps) * tc.hidden_size)
             if hidden is not None:
                 feats.append((ids, hidden, prompt_len))
                 hits += 1
