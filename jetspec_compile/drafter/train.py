@@ -318,7 +318,8 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
     if init_checkpoint is not None:
         from .checkpoint import load_drafter
         start = load_drafter(init_checkpoint, target).restrict_vocab(None)  # trained over the whole vocabulary
-        same = dataclasses.replace(start.cfg, target_name=drafter_cfg.target_name, num_layers=drafter_cfg.num_layers)
+        same = dataclasses.replace(start.cfg, target_name=drafter_cfg.target_name,
+                                   num_layers=drafter_cfg.num_layers)
         if same != drafter_cfg or start.cfg.num_layers > drafter_cfg.num_layers:
             raise ValueError(f"{init_checkpoint} has config {start.cfg}, this run asks for {drafter_cfg}; "
                              "continue with the same block size and taps and at least as many layers, "

@@ -101,10 +101,12 @@ def test_growing_a_trained_drafter_keeps_what_it_computes_then_trains_the_new_la
     s = cfg.block_size
     positions = (anchors[:, None] + torch.arange(s)[None]).reshape(1, -1)
     mask = block_mask(anchors, ids.shape[0], s)
-    with torch.no_grad():
-        a = start(ids[anchors][None], positions, start.context_kv(hidden[None].float(), torch.arange(ids.shape[0])[None]), mask)
-        b = grown(ids[anchors][None], positions, grown.context_kv(hidden[None].float(), torch.arange(ids.shape[0])[None]), mask)
-    torch.testing.assert_close(a, b)
+    def logits(drafter):
+        with torch.no_grad():
+            ctx = drafter.context_kv(hidden[None].float(), torch.arange(ids.shape[0])[None])
+            return drafter(ids[anchors][None], positions, ctx, mask)
+
+    torch.testing.assert_close(logits(start), logits(grown))
     assert evaluate(grown, feats[:4]) == evaluate(start, feats[:4])
     with pytest.raises(ValueError, match="cannot grow"):
         grow_layers(grown, 1)
