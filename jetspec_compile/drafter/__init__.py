@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import check_drafter_fits, load_drafter, save_drafter
+from .checkpoint import check_drafter_fits, load_corpus, load_drafter, save_drafter
+from .corpus import CorpusIndex
 from .jetspec import JetSpecDrafter
 from .model import DrafterConfig, ParallelDrafter
 from .ngram import NGramDrafter
@@ -12,6 +13,7 @@ from .protocol import DraftTree, Drafter
 from .tree_builder import best_first_tree
 
 __all__ = [
+    "CorpusIndex",
     "DraftTree",
     "Drafter",
     "DrafterConfig",
@@ -20,6 +22,7 @@ __all__ = [
     "ParallelDrafter",
     "best_first_tree",
     "check_drafter_fits",
+    "load_corpus",
     "load_drafter",
     "load_jetspec_drafter",
     "save_drafter",
@@ -47,7 +50,10 @@ def drafter_folder(path) -> Path:
 
 
 def load_jetspec_drafter(path, target, width: int = 4, max_depth: int | None = None,
-                         path_branches: int = 0, lookup_nodes: int = 6) -> JetSpecDrafter:
-    """Load a drafter checkpoint (a folder, or ``"smollm2"`` for the shipped one) ready for ``optimize``."""
-    return JetSpecDrafter(load_drafter(drafter_folder(path), target), width=width, max_depth=max_depth, path_branches=path_branches,
-                          lookup_nodes=lookup_nodes)
+                         path_branches: int = 0, lookup_nodes: int | None = None,
+                         corpus: bool = True) -> JetSpecDrafter:
+    """Load a drafter checkpoint (a folder, or ``"smollm2"`` for the shipped one) ready for ``optimize``; with
+    ``corpus`` (default) the folder's ``corpus.safetensors``, if it has one, is drafted from too."""
+    folder = drafter_folder(path)
+    return JetSpecDrafter(load_drafter(folder, target), width=width, max_depth=max_depth, path_branches=path_branches,
+                          lookup_nodes=lookup_nodes, corpus=load_corpus(folder, target) if corpus else None)

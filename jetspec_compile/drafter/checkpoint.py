@@ -1,4 +1,5 @@
-"""Save and load drafters: ``drafter.safetensors`` (bf16) + ``config.json`` in one folder, written atomically."""
+"""Save and load drafters: ``drafter.safetensors`` (bf16) + ``config.json`` in one folder, written atomically,
+with an optional ``corpus.safetensors`` (:mod:`~jetspec_compile.drafter.corpus`: the target's own responses)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..capture import text_config
+from .corpus import CORPUS_FILE, CorpusIndex
 from .model import DrafterConfig, ParallelDrafter, vocab_problem
 
-__all__ = ["save_drafter", "load_drafter", "check_drafter_fits"]
+__all__ = ["save_drafter", "load_drafter", "load_corpus", "check_drafter_fits"]
 
 WEIGHTS, CONFIG = "drafter.safetensors", "config.json"
 
 
-def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                 corpus: CorpusIndex | None = None) -> Path:
     """Write the drafter's own weights (not the shared embedding / head) and config to folder ``path``.
 
-    Everything is written to a temporary folder beside ``path`` first and renamed into place, so a crash never
-    leaves a half-written checkpoint that looks complete.
+    ``corpus`` is written beside them; without one, a corpus already in ``path`` is kept (re-saving a drafter,
+    e.g. with another draft vocabulary, does not drop it). Everything is written to a temporary folder beside
+    ``path`` first and renamed into place, so a crash never leaves a half-written checkpoint that looks complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,8 +37,13 @@ def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype 
                  for k, v in drafter.state_dict().items()}  # token ids (draft_vocab) stay integers
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "jetspec-drafter"})
         (tmp / CONFIG).write_text(drafter.cfg.to_json())
-        for item in (tmp, tmp / WEIGHTS, tmp / CONFIG):  # mkdtemp makes the folder private; a checkpoint is not
-            item.chmod(0o755 if item.is_dir() else 0o644)
+        if corpus is not None:
+            corpus.save(tmp / CORPUS_FILE)
+        elif (path / CORPUS_FILE).exists():
+            shutil.copyfile(path / CORPUS_FILE, tmp / CORPUS_FILE)
+        for item in (tmp, tmp / WEIGHTS, tmp / CONFIG, tmp / CORPUS_FILE):  # mkdtemp's folder is private
+            if item.exists():
+                item.chmod(0o755 if item.is_dir() else 0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -93,3 +102,12 @@ def load_drafter(path: str | Path, target, dtype: torch.dtype = torch.float32) -
         raise ValueError(f"{path / WEIGHTS} has a corrupt draft vocabulary ({problem}); re-create it with "
                          "`jetspec-compile draft-vocab`")
     return drafter.to(dtype).eval()
+
+
+def load_corpus(path: str | Path, target) -> CorpusIndex | None:
+    """The corpus saved with the drafter in folder ``path`` (checked against ``target``'s vocabulary), or None
+    if the folder has none."""
+    file = Path(path) / CORPUS_FILE
+    if not file.exists():
+        return None
+    return CorpusIndex.load(file, vocab_size=text_config(target).vocab_size)

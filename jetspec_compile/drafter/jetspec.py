@@ -11,8 +11,12 @@ step is one callable, ``step_fn``: the PyTorch module by default, or the same st
 shared per-depth marginals (needs a drafter trained with ``reveal_prob > 0``). A drafter with a draft vocabulary
 (``ParallelDrafter.restrict_vocab``) scores only those tokens; the tree's indices are mapped back to token ids.
 With ``lookup_nodes=n``, prompt-lookup continuations (an :class:`~jetspec_compile.drafter.ngram.NGramDrafter` over
-the context, n-grams of 2-3 tokens) are grafted into the tree, up to ``n`` nodes of the same budget, whenever the
-context repeats: text the drafter has no reason to predict (an identifier from the prompt) costs no extra forward.
+the context, n-grams of 2-3 tokens) are grafted into the tree, up to ``n`` nodes of the same budget (default: three
+quarters of it), whenever the context repeats: text the drafter has no reason to predict (an identifier from the
+prompt) costs no extra forward. With a ``corpus`` (:class:`~jetspec_compile.drafter.corpus.CorpusIndex`, the
+target's own responses to training prompts) the corpus's continuations of the context are merged with the
+drafter's tree by score first: the target's stock phrases, which a small drafter predicts a token or two at a
+time.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from .corpus import CorpusIndex
 from .model import ParallelDrafter
 from .ngram import NGramDrafter
 from .protocol import DraftTree
 from .step import DraftStep
-from .tree_builder import best_first_tree, graft
+from .tree_builder import best_first_tree, graft, merge_scored
 
 __all__ = ["JetSpecDrafter"]
+
+#: the most nodes (and the longest continuation) the default prompt lookup takes
+MAX_LOOKUP_NODES = 24
 
 
 class JetSpecDrafter:
@@ -41,21 +49,27 @@ class JetSpecDrafter:
         path_branches: depth-1 candidates whose subtrees are re-drafted conditioned on them (0 = off).
         step_fn: what runs a drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`
             (default: that module itself, ``self.step``, with MKL-packed linears where they pay).
-        lookup_nodes: nodes of each tree that prompt-lookup continuations may take (0 = off; the default 6
-            raised τ at budget 8 from 2.07 / 2.21 to 2.54 / 3.06 on held-out HumanEval / GSM, bench_tau.py).
+        lookup_nodes: nodes of each tree that prompt-lookup continuations may take (0 = off; default None:
+            three quarters of the budget. 6 nodes raised τ at budget 8 from 2.07 / 2.21 to 2.54 / 3.06 on held-out
+            HumanEval / GSM; at budget 16, 12 nodes beat 6 and 16, bench_tau.py).
+        corpus: a :class:`~jetspec_compile.drafter.corpus.CorpusIndex` of the target's own responses; its
+            continuations of the context are merged into the drafter's tree by score (None = off).
+        corpus_depth: how deep the corpus's continuations may reach (they are not bound to the block depth).
     """
 
     needs_hidden = True
 
     def __init__(self, model: ParallelDrafter, width: int = 4, max_depth: int | None = None,
-                 path_branches: int = 0, step_fn: Callable | None = None, lookup_nodes: int = 6):
+                 path_branches: int = 0, step_fn: Callable | None = None, lookup_nodes: int | None = None,
+                 corpus: CorpusIndex | None = None, corpus_depth: int = 16):
         if path_branches < 0:
             raise ValueError(f"path_branches must be >= 0, got {path_branches}")
-        if lookup_nodes < 0:
-            raise ValueError(f"lookup_nodes must be >= 0, got {lookup_nodes}")
+        if lookup_nodes is not None and lookup_nodes < 0:
+            raise ValueError(f"lookup_nodes must be >= 0 (or None: three quarters of the budget), got {lookup_nodes}")
         self.lookup_nodes = lookup_nodes
-        self.lookup = NGramDrafter(max_ngram=3, min_ngram=2, continuation=lookup_nodes, max_matches=2) \
-            if lookup_nodes else None
+        self.corpus, self.corpus_depth = corpus, corpus_depth
+        self.lookup = NGramDrafter(max_ngram=3, min_ngram=2, continuation=lookup_nodes or MAX_LOOKUP_NODES,
+                                   max_matches=2) if lookup_nodes != 0 else None
         self.model = model.eval()
         self.width = width
         self.path_branches = path_branches
@@ -71,12 +85,13 @@ class JetSpecDrafter:
         self._past: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per row, per layer (k, v) [1, H_kv, T, D]
         self._pending: list[list[torch.Tensor]] = []  # per row, tapped states [t, K*H] not yet in _past
         self._length: list[int] = []  # per row, committed tokens (in _past or pending)
+        self._tokens: list[list[int]] = []  # per row, committed token ids (the corpus lookup's context)
 
     def with_step(self, step_fn: Callable) -> "JetSpecDrafter":
         """A copy (same network and options, fresh state) whose steps run through ``step_fn``."""
         clone = copy.copy(self)
         clone.step_fn = step_fn
-        clone._past, clone._pending, clone._length = [], [], []
+        clone._past, clone._pending, clone._length, clone._tokens = [], [], [], []
         clone.lookup = copy.deepcopy(self.lookup)
         return clone
 
@@ -93,6 +108,7 @@ class JetSpecDrafter:
         self._past = [[(empty, empty)] * cfg.num_layers for _ in prompts]
         self._pending = [[] for _ in prompts]
         self._length = [0] * len(prompts)
+        self._tokens = [[int(t) for t in p] for p in prompts] if self.corpus is not None else []
         for row, h in enumerate(hidden):
             self._append(row, h)
         if self.lookup is not None:
@@ -103,6 +119,9 @@ class JetSpecDrafter:
             self._append(row, h)
         if self.lookup is not None:
             self.lookup.advance(accepted)
+        if self.corpus is not None:
+            for row, toks in enumerate(accepted):
+                self._tokens[row].extend(int(t) for t in toks)
 
     @torch.no_grad()
     def _block_logprobs(self, row: int, root: int, given: Sequence[int | None]) -> torch.Tensor:
@@ -136,7 +155,10 @@ class JetSpecDrafter:
 
     def draft(self, roots: Sequence[int], budget: int) -> list[DraftTree]:
         out = []
-        extras = self.lookup.draft(roots, self.lookup_nodes + 1) if self.lookup is not None and budget > 1 else None
+        extras = None
+        if self.lookup is not None and budget > 1:
+            nodes = self.lookup_nodes if self.lookup_nodes is not None else min(MAX_LOOKUP_NODES, 3 * budget // 4)
+            extras = self.lookup.draft(roots, nodes + 1) if nodes else None
         for row, root in enumerate(roots):
             root = int(root)
             logprobs = self.depth_logprobs(row, root)
@@ -148,9 +170,14 @@ class JetSpecDrafter:
                     firsts = [self._vocab[i] for i in firsts]
                 again = self._block_logprobs(row, root, firsts)  # [k, S, V]
                 branches = {rank: again[rank, 1:self.max_depth] for rank in range(k)}
-            tokens, tree = best_first_tree(root, logprobs, budget, self.width, branches)
+            tokens, tree, scores = best_first_tree(root, logprobs, budget, self.width, branches, with_scores=True)
             if self._vocab is not None:
                 tokens = (root,) + tuple(self._vocab[i] for i in tokens[1:])
+            if self.corpus is not None and budget > 1:
+                context = self._tokens[row][1 - self.corpus.max_ngram:] + [root]  # all a lookup reads
+                found = self.corpus.tree(context, budget, self.corpus_depth)
+                if len(found[0]) > 1:
+                    tokens, tree = merge_scored((tokens, tree, scores), found, budget)
             if extras is not None and len(extras[row].tokens) > 1:
                 tokens, tree = graft(tokens, tree, extras[row].tokens, extras[row].tree, budget)
             out.append(DraftTree(tokens, tree))

@@ -23,12 +23,13 @@ import torch
 
 from ..tree import TreeSpec
 
-__all__ = ["best_first_tree", "graft"]
+__all__ = ["best_first_tree", "graft", "merge_scored"]
 
 
 def best_first_tree(root: int, logprobs: torch.Tensor, budget: int, width: int,
-                    branches: dict[int, torch.Tensor] | None = None) -> tuple[tuple[int, ...], TreeSpec]:
-    """Return ``(tokens, tree)`` with at most ``budget`` nodes; node 0 is ``root``.
+                    branches: dict[int, torch.Tensor] | None = None, with_scores: bool = False):
+    """Return ``(tokens, tree)`` with at most ``budget`` nodes; node 0 is ``root``. With ``with_scores`` also
+    each node's path log-probability (``0.0`` for the root; nodes come in decreasing score).
 
     logprobs: ``[D, V]`` draft log-probabilities of depths 1..D. branches: optional ``{rank: [D', V]}``, the
     log-probabilities of depths 2..D'+1 given the rank-``rank`` depth-1 token (see the module docstring).
@@ -53,7 +54,7 @@ def best_first_tree(root: int, logprobs: torch.Tensor, budget: int, width: int,
             return (v[d - 1], i[d - 1]) if d - 1 < len(v) else None
         return (shared[0][d], shared[1][d]) if d < depth else None
 
-    tokens, parents = [root], [-1]
+    tokens, parents, scores = [root], [-1], [0.0]
     index: dict[tuple[int, ...], int] = {(): 0}
     heap = [(-shared[0][0][0], (0,))] if depth > 0 and budget > 1 else []
     while heap and len(tokens) < budget:
@@ -63,12 +64,50 @@ def best_first_tree(root: int, logprobs: torch.Tensor, budget: int, width: int,
         index[path] = len(tokens)
         parents.append(index[path[:-1]])
         tokens.append(ids[rank])
+        scores.append(-neg)
         child = row(path + (0,))
         if child is not None:
             heapq.heappush(heap, (neg - child[0][0], path + (0,)))
         if rank + 1 < width:
             heapq.heappush(heap, (neg + values[rank] - values[rank + 1], path[:-1] + (rank + 1,)))
+    if with_scores:
+        return tuple(tokens), TreeSpec(tuple(parents)), scores
     return tuple(tokens), TreeSpec(tuple(parents))
+
+
+def merge_scored(a: tuple[Sequence[int], TreeSpec, Sequence[float]], b: tuple[Sequence[int], TreeSpec, Sequence[float]],
+                 budget: int) -> tuple[tuple[int, ...], TreeSpec]:
+    """The ``budget`` best nodes of the union of two scored trees with the same root.
+
+    Each of ``a`` and ``b`` is ``(tokens, tree, scores)`` with scores that never rise from parent to child (path
+    log-probabilities). A node in both (same token path) scores the larger of its two scores, which keeps that
+    property, so the best ``budget`` nodes (ties: shallower first) always include their parents. They come in
+    decreasing score, so a prefix of the result is what a smaller budget would have kept.
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    if a[0][0] != b[0][0]:
+        raise ValueError(f"cannot merge a tree rooted at {b[0][0]} into one rooted at {a[0][0]}")
+    tokens, parents, scores, depth = [a[0][0]], [-1], [0.0], [0]
+    where: dict[tuple[int, int], int] = {}
+    for toks, tree, sc in (a, b):
+        local = {0: 0}
+        for node in range(1, len(toks)):
+            parent = local[tree.parents[node]]
+            key = (parent, int(toks[node]))
+            merged = where.get(key)
+            if merged is None:
+                merged = where[key] = len(tokens)
+                tokens.append(key[1])
+                parents.append(parent)
+                scores.append(float(sc[node]))
+                depth.append(depth[parent] + 1)
+            else:
+                scores[merged] = max(scores[merged], float(sc[node]))
+            local[node] = merged
+    order = [0] + sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depth[i], i))[:budget - 1]
+    new = {old: k for k, old in enumerate(order)}
+    return tuple(tokens[i] for i in order), TreeSpec(tuple(-1 if i == 0 else new[parents[i]] for i in order))
 
 
 def graft(tokens: Sequence[int], tree: TreeSpec, extra_tokens: Sequence[int], extra: TreeSpec,
