@@ -33,8 +33,11 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--width", type=int, default=4, help="candidates per depth in the draft tree")
     ap.add_argument("--path-branches", type=int, default=0,
                     help="depth-1 branches whose subtrees are re-drafted conditioned on them (0: off)")
-    ap.add_argument("--lookup-nodes", type=int, default=6,
-                    help="tree nodes prompt-lookup continuations may take from the budget (0: off)")
+    ap.add_argument("--lookup-nodes", type=int, default=None,
+                    help="tree nodes prompt-lookup continuations may take from the budget (0: off; default: three "
+                         "quarters of it)")
+    ap.add_argument("--no-corpus", action="store_true",
+                    help="do not draft from the drafter folder's corpus of the target's own responses")
     ap.add_argument("--backends", nargs="+", default=["eager"],
                     help="lowering backends to run (eager inductor aoti onnxruntime); compile time is excluded "
                          "by the warm-up prompt and reported separately")
@@ -247,7 +250,7 @@ def run_bench_cli(args) -> None:
         factory = NGramDrafter
     else:
         loaded = load_jetspec_drafter(args.drafter, model, width=args.width, path_branches=args.path_branches,
-                                      lookup_nodes=args.lookup_nodes)
+                                      lookup_nodes=args.lookup_nodes, corpus=not args.no_corpus)
         factory = lambda: loaded  # noqa: E731 - one loaded network shared by all budgets
     sets = {}
     for name in args.prompts:

@@ -2,6 +2,7 @@
 
     jetspec-compile train-drafter --model smollm2 --out drafters/smollm2
     jetspec-compile draft-vocab --drafter drafters/smollm2/drafter --size 4096
+    jetspec-compile build-corpus --drafter drafters/smollm2/drafter --data more_responses.jsonl
     jetspec-compile check --model smollm2 --drafter drafters/smollm2
     jetspec-compile bench --model smollm2 --drafter drafters/smollm2 --prompts humaneval gsm
     jetspec-compile export-trt --model smollm2 --drafter smollm2 --out engines/
@@ -42,7 +43,7 @@ def cmd_train(args) -> None:
     import torch
 
     from .drafter.data import read_sequences, regenerate
-    from .drafter import save_drafter
+    from .drafter import CorpusIndex, save_drafter
     from .drafter.model import DrafterConfig
     from .drafter.train import TrainConfig, compute_features, evaluate, train_drafter
     from .models import cache_dir
@@ -80,8 +81,10 @@ def cmd_train(args) -> None:
     drafter = train_drafter(model, feats[n_eval:], dcfg, tcfg, out, resume=not args.restart,
                             eval_features=feats[:n_eval], init_checkpoint=args.init_from, draft_vocab=vocab)
     print(f"held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
-    save_drafter(drafter, out / "drafter")
-    print(f"saved {out / 'drafter'} (draft vocabulary: {drafter.cfg.draft_vocab_size or 'all'} tokens)")
+    corpus = CorpusIndex.from_records(records)
+    save_drafter(drafter, out / "drafter", corpus=corpus)
+    print(f"saved {out / 'drafter'} (draft vocabulary: {drafter.cfg.draft_vocab_size or 'all'} tokens; corpus of "
+          f"{len(corpus)} response tokens)")
 
 
 def _draft_vocab(records, size: int, tok) -> list[int]:
@@ -96,7 +99,7 @@ def _with_draft_vocab(drafter, records, size: int, tok):
 
 
 def cmd_draft_vocab(args) -> None:
-    from .drafter import drafter_folder, load_drafter, save_drafter
+    from .drafter import drafter_folder, load_corpus, load_drafter, save_drafter
     from .drafter.data import read_sequences
 
     model, tok = load_target(args.model)
@@ -109,8 +112,35 @@ def cmd_draft_vocab(args) -> None:
     if args.size:
         drafter = _with_draft_vocab(drafter, records, args.size, tok)
     out = Path(args.out) if args.out else path
-    save_drafter(drafter, out)
+    save_drafter(drafter, out, corpus=load_corpus(path, model))  # the corpus travels with the drafter
     print(f"saved {out} (draft vocabulary: {drafter.cfg.draft_vocab_size or 'all'} tokens)")
+
+
+def cmd_build_corpus(args) -> None:
+    from .capture import text_config
+    from .drafter import CorpusIndex, drafter_folder, load_drafter
+    from .drafter.corpus import CORPUS_FILE
+    from .drafter.data import read_sequences
+
+    model, _ = load_target(args.model)
+    folder = drafter_folder(args.drafter)
+    load_drafter(folder, model)  # a drafter checkpoint for this target, or a clear error
+    files = [Path(p) for p in args.data] if args.data else [_data_path(args)]
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        raise SystemExit(f"--data: no such file {missing}; regenerate responses with `jetspec-compile train-drafter`")
+    records = [r for p in files for r in read_sequences(p)]
+    if not records:
+        raise SystemExit(f"no responses in {[str(p) for p in files]}: the corpus needs the target's own responses "
+                         "(JSONL lines with prompt_ids and response_ids)")
+    vocab = text_config(model).vocab_size
+    top = max(max(r["response_ids"] + r["prompt_ids"]) for r in records)
+    if top >= vocab:
+        raise SystemExit(f"token id {top} in --data is outside this model's vocabulary of {vocab}: the data was "
+                         "regenerated with another model")
+    corpus = CorpusIndex.from_records(records)
+    corpus.save(folder / CORPUS_FILE)
+    print(f"saved {folder / CORPUS_FILE}: {len(corpus)} response tokens from {len(records)} sequences")
 
 
 def cmd_check(args) -> None:
@@ -223,6 +253,14 @@ def main(argv=None) -> None:
     dv.add_argument("--data", help="self-distillation JSONL (default: <cache>/data/<model name>_selfdistill.jsonl)")
     dv.add_argument("--out", help="write here instead of replacing --drafter")
     dv.set_defaults(func=cmd_draft_vocab)
+
+    bc = sub.add_parser("build-corpus", help="index the target's own responses (self-distillation JSONL files) into "
+                        "a drafter folder: drafting then also continues the target's stock phrases")
+    bc.add_argument("--drafter", required=True, help="drafter checkpoint folder ('smollm2': the shipped one)")
+    bc.add_argument("--model", default="smollm2", help="the drafter's target")
+    bc.add_argument("--data", nargs="+", help="self-distillation JSONL files, training prompts only (default: "
+                                              "<cache>/data/<model name>_selfdistill.jsonl)")
+    bc.set_defaults(func=cmd_build_corpus)
 
     ck = sub.add_parser("check", help="check that speculative greedy output equals plain greedy decoding")
     ck.add_argument("--model", default="smollm2")

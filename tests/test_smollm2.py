@@ -101,13 +101,14 @@ def test_shipped_drafter_is_lossless_on_held_out_prompts_and_beats_chance(smollm
         accepted += sum(k * v for k, v in hist.items())
     assert accepted / steps > 1.5  # a broken or foreign checkpoint gives ~1.0
     assert spec.drafter.model.cfg.draft_vocab_size == 4096  # the shipped drafter drafts its frequent tokens
+    assert spec.drafter.corpus is not None and len(spec.drafter.corpus) > 100_000  # and the target's phrases
 
 
 def test_draft_vocab_command_rewrites_a_checkpoint(smollm2, tmp_path):
     import json
 
     from jetspec_compile.cli import main
-    from jetspec_compile.drafter import load_drafter
+    from jetspec_compile.drafter import load_corpus, load_drafter
 
     model, tok = smollm2
     data = tmp_path / "data.jsonl"
@@ -115,5 +116,32 @@ def test_draft_vocab_command_rewrites_a_checkpoint(smollm2, tmp_path):
     main(["draft-vocab", "--drafter", "smollm2", "--size", "3", "--data", str(data), "--out", str(tmp_path / "d")])
     small = load_drafter(tmp_path / "d", model)
     assert small.draft_vocab.tolist() == [tok.eos_token_id, 12, 11]  # EOS always, then by count
+    assert load_corpus(tmp_path / "d", model) is not None  # the shipped corpus travels with the copy
     main(["draft-vocab", "--drafter", str(tmp_path / "d"), "--size", "0", "--data", str(data)])
     assert load_drafter(tmp_path / "d", model).draft_vocab is None
+
+
+def test_build_corpus_command_indexes_responses_and_refuses_bad_data(smollm2, tmp_path):
+    import json
+
+    from jetspec_compile.cli import main
+    from jetspec_compile.drafter import load_corpus
+
+    model, _ = smollm2
+    main(["draft-vocab", "--drafter", "smollm2", "--size", "0", "--out", str(tmp_path / "d")])  # a writable copy
+    data = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    data[0].write_text(json.dumps({"set": "x", "prompt_ids": [5, 6], "response_ids": [10, 11, 12]}) + "\n")
+    data[1].write_text(json.dumps({"set": "y", "prompt_ids": [7], "response_ids": [20, 21]}) + "\n")
+    main(["build-corpus", "--drafter", str(tmp_path / "d"), "--data", *map(str, data)])
+    corpus = load_corpus(tmp_path / "d", model)
+    assert len(corpus) == 3 + 2 + 3  # both files' responses, each led by its prompt's tail (up to 6 tokens)
+    assert corpus.tree([6, 10], nodes=4, depth=4)[0] == (10, 11, 12)
+    before = (tmp_path / "d" / "corpus.safetensors").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"set": "x", "prompt_ids": [5], "response_ids": [10 ** 7]}) + "\n")
+    for args, message in (([str(bad)], "outside this model's vocabulary"), ([str(tmp_path / "none.jsonl")], "no such file"),
+                          ([str(tmp_path / "empty.jsonl")], "no responses")):
+        (tmp_path / "empty.jsonl").write_text("")
+        with pytest.raises(SystemExit, match=message):
+            main(["build-corpus", "--drafter", str(tmp_path / "d"), "--data", *args])
+    assert (tmp_path / "d" / "corpus.safetensors").read_bytes() == before  # a refused build writes nothing
