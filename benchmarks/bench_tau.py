@@ -8,7 +8,8 @@ conditioned on them: one more drafter forward). The drafter's time per step is p
 path conditioning is not free.
 
     python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--widths 4] [--limit 5] [--path-branches 3]
-                                   [--draft-vocab 0 2048 4096]
+                                   [--draft-vocab 0 2048 4096] [--lookup-nodes auto 0] [--corpus on off]
+                                   [--json tau.json] [--plot tau.png]
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[4], help="tree widths W (candidates per depth)")
     ap.add_argument("--path-branches", type=int, default=3, help="depth-1 branches re-drafted (0: skip 'path')")
     ap.add_argument("--shapes", nargs="+", default=["chain", "tree", "path"], choices=["chain", "tree", "path"])
-    ap.add_argument("--lookup-nodes", type=int, nargs="+", default=[6],
-                    help="prompt-lookup nodes grafted into each tree (0: off); several values are compared")
+    ap.add_argument("--lookup-nodes", nargs="+", default=["auto"],
+                    help="prompt-lookup nodes grafted into each tree (0: off; auto: three quarters of the budget); "
+                         "several values are compared")
+    ap.add_argument("--corpus", nargs="+", default=["on"], choices=["on", "off"],
+                    help="draft from the drafter folder's corpus of the target's own responses; 'on off' compares")
     ap.add_argument("--draft-vocab", type=int, nargs="+", default=[None],
                     help="draft vocabulary sizes to compare (0: the whole vocabulary; default: the checkpoint's); "
                          "other sizes are the most frequent tokens of --data")
     ap.add_argument("--data", help="self-distillation JSONL the vocabulary is counted in "
                                    "(default: <cache>/data/smollm2_selfdistill.jsonl)")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="write a PNG of τ against the budget here (one line per set and configuration)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
@@ -54,8 +59,9 @@ def main() -> None:
     configs += [("tree", b, w, 0) for b in args.budgets for w in args.widths]
     if args.path_branches:
         configs += [("path", b, w, args.path_branches) for b in args.budgets for w in args.widths]
-    configs = [c + (v, n) for c in configs if c[0] in args.shapes
-               for v in args.draft_vocab for n in args.lookup_nodes]
+    lookups = [None if n == "auto" else int(n) for n in args.lookup_nodes]
+    configs = [c + (v, n, k) for c in configs if c[0] in args.shapes
+               for v in args.draft_vocab for n in lookups for k in args.corpus]
     records = None
     if any(v for v in args.draft_vocab):
         from jetspec_compile.drafter.data import read_sequences
@@ -63,12 +69,13 @@ def main() -> None:
         records = read_sequences(args.data or cache_dir() / "data" / "smollm2_selfdistill.jsonl")
     results = []
     bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")
-    for shape, budget, width, branches, vocab, lookup in configs:
-        drafter = load_jetspec_drafter(args.drafter, model, width=width, path_branches=branches, lookup_nodes=lookup)
+    for shape, budget, width, branches, vocab, lookup, corpus in configs:
+        drafter = load_jetspec_drafter(args.drafter, model, width=width, path_branches=branches, lookup_nodes=lookup,
+                                       corpus=corpus == "on")
         if vocab is not None:
             ids = frequent_tokens(records, vocab, always=[tok.eos_token_id]) if vocab else None
             drafter = JetSpecDrafter(drafter.model.restrict_vocab(ids), width=width, path_branches=branches,
-                                     lookup_nodes=lookup)
+                                     lookup_nodes=lookup, corpus=drafter.corpus)
         vocab = drafter.model.cfg.draft_vocab_size
         spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False)
         for s, items in prompts.items():
@@ -89,18 +96,51 @@ def main() -> None:
                 verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
             results.append({"set": s, "shape": shape, "budget": budget, "width": width, "draft_vocab": vocab,
-                            "lookup_nodes": lookup, "tau": tokens / steps,
+                            "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
                             "draft_ms": 1e3 * draft_seconds / steps, "verify_ms": 1e3 * verify_seconds / steps,
                             "identical": identical})
     bar.close()
-    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} {'lookup':>6s} {'tau':>6s} "
-          f"{'draft ms':>8s} {'verify ms':>9s} identical")
+    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} {'lookup':>6s} {'corpus':>6s} "
+          f"{'tau':>6s} {'draft ms':>8s} {'verify ms':>9s} identical")
     for r in results:
         print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['draft_vocab'] or 'all':>6} "
-              f"{r['lookup_nodes']:6d} {r['tau']:6.2f} {r['draft_ms']:8.1f} {r['verify_ms']:9.1f} {r['identical']}")
+              f"{r['lookup_nodes'] if r['lookup_nodes'] is not None else 'auto':>6} {r['corpus']:>6s} "
+              f"{r['tau']:6.2f} {r['draft_ms']:8.1f} {r['verify_ms']:9.1f} {r['identical']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
+    if args.plot:
+        plot_tau(results, args.plot)
+
+
+def plot_tau(results: list[dict], path: str) -> None:
+    """τ against the tree budget, one line per prompt set and configuration (shape, lookup, corpus)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple, list[tuple[int, float]]] = {}
+    for r in results:
+        lookup = "auto" if r["lookup_nodes"] is None else r["lookup_nodes"]
+        key = (r["set"], r["shape"], f"W{r['width']}", f"lookup {lookup}", f"corpus {r['corpus']}")
+        lines.setdefault(key, []).append((r["budget"], r["tau"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([b for b, _ in points], [t for _, t in points], marker="o", label=" · ".join(key))
+    ax.set_xscale("log", base=2)
+    budgets = sorted({r["budget"] for r in results})
+    ax.set_xticks(budgets, labels=[str(b) for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("tree budget (nodes verified per step)")
+    ax.set_ylabel("mean accepted length τ")
+    ax.set_title("τ on held-out prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
