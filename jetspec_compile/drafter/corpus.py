@@ -51,8 +51,10 @@ class CorpusIndex:
         parts = []
         for seq in sequences:
             if len(seq):
-                parts.append(np.asarray(seq, dtype=np.int64))
-                parts.append(np.array([-1], dtype=np.int64))
+                arr = np.asarray(seq, dtype=np.int64)
+                if arr.min() < 0:
+                    raise ValueError(f"token ids must be >= 0, got {int(arr.min())}")
+                parts += [arr, np.array([-1], dtype=np.int64)]
         if not parts:
             raise ValueError("a corpus needs at least one non-empty sequence")
         flat = np.concatenate(parts)

@@ -124,6 +124,8 @@ def test_corpus_file_roundtrip_and_clear_errors(tmp_path):
         CorpusIndex.load(path)
     with pytest.raises(ValueError, match="non-empty"):
         CorpusIndex([[], []])
+    with pytest.raises(ValueError, match=">= 0"):
+        CorpusIndex([[1, -1, 2]])
     with pytest.raises(ValueError, match="min_ngram"):
         CorpusIndex([[1]], max_ngram=2, min_ngram=3)
 
