@@ -105,6 +105,8 @@ def merge_scored(a: tuple[Sequence[int], TreeSpec, Sequence[float]], b: tuple[Se
             else:
                 scores[merged] = max(scores[merged], float(sc[node]))
             local[node] = merged
+    for i in range(1, len(tokens)):  # rounding in a running sum must not put a child before its parent
+        scores[i] = min(scores[i], scores[parents[i]])
     order = [0] + sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depth[i], i))[:budget - 1]
     new = {old: k for k, old in enumerate(order)}
     return tuple(tokens[i] for i in order), TreeSpec(tuple(-1 if i == 0 else new[parents[i]] for i in order))

@@ -107,6 +107,10 @@ def test_merge_keeps_the_best_nodes_of_both_trees_within_the_budget():
         # a prefix is what a smaller budget keeps
         shorter, shorter_tree = merge_scored(a, b, max(1, budget - 2))
         assert shorter == tokens[:len(shorter)]
+    # a child scored a rounding error above its parent (a running float sum) still comes after it
+    noisy = ((0, 5, 6), TreeSpec((-1, 0, 1)), [0.0, -1e-7, -1e-8])
+    tokens, tree = merge_scored(noisy, ((0, 7), TreeSpec((-1, 0)), [0.0, -0.5]), budget=2)
+    assert tokens == (0, 5) and tree.parents == (-1, 0)
     with pytest.raises(ValueError, match="rooted"):
         merge_scored(((1, 2), TreeSpec((-1, 0)), [0.0, -1.0]), ((3,), TreeSpec((-1,)), [0.0]), 4)
 
