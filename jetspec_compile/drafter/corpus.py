@@ -30,6 +30,7 @@ from ..tree import TreeSpec
 __all__ = ["CorpusIndex", "CORPUS_FILE"]
 
 CORPUS_FILE = "corpus.safetensors"
+DEFAULT_MAX_NGRAM = 6  # the longest context suffix matched
 
 
 class CorpusIndex:
@@ -42,7 +43,7 @@ class CorpusIndex:
         smoothing: added to the match count in a node's score (a single occurrence is not a certainty).
     """
 
-    def __init__(self, sequences: Sequence[Sequence[int]], max_ngram: int = 6, min_ngram: int = 2,
+    def __init__(self, sequences: Sequence[Sequence[int]], max_ngram: int = DEFAULT_MAX_NGRAM, min_ngram: int = 2,
                  max_matches: int = 64, smoothing: float = 4.0):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -71,7 +72,7 @@ class CorpusIndex:
         self._keys = windows[order]
 
     def __len__(self) -> int:
-        return int((self.tokens >= 0).sum())
+        return len(self._starts)  # one entry per corpus token
 
     def _bound(self, query: tuple[int, ...], upper: bool) -> int:
         n, lo, hi = len(query), 0, len(self._starts)
@@ -163,6 +164,6 @@ class CorpusIndex:
     def from_records(cls, records: Sequence[dict], prompt_tail: int | None = None, **options) -> "CorpusIndex":
         """A corpus of self-distillation records' responses, each led by the last ``prompt_tail`` tokens of its
         prompt (default: ``max_ngram``; the chat template's "assistant" header, so first tokens match too)."""
-        tail = options.get("max_ngram", 6) if prompt_tail is None else prompt_tail
+        tail = options.get("max_ngram", DEFAULT_MAX_NGRAM) if prompt_tail is None else prompt_tail
         return cls([(list(r["prompt_ids"][-tail:]) if tail else []) + list(r["response_ids"])
                     for r in records], **options)

@@ -85,13 +85,13 @@ class JetSpecDrafter:
         self._past: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per row, per layer (k, v) [1, H_kv, T, D]
         self._pending: list[list[torch.Tensor]] = []  # per row, tapped states [t, K*H] not yet in _past
         self._length: list[int] = []  # per row, committed tokens (in _past or pending)
-        self._tokens: list[list[int]] = []  # per row, committed token ids (the corpus lookup's context)
+        self._tail: list[list[int]] = []  # per row, the last committed token ids a corpus lookup reads
 
     def with_step(self, step_fn: Callable) -> "JetSpecDrafter":
         """A copy (same network and options, fresh state) whose steps run through ``step_fn``."""
         clone = copy.copy(self)
         clone.step_fn = step_fn
-        clone._past, clone._pending, clone._length, clone._tokens = [], [], [], []
+        clone._past, clone._pending, clone._length, clone._tail = [], [], [], []
         clone.lookup = copy.deepcopy(self.lookup)
         return clone
 
@@ -108,7 +108,7 @@ class JetSpecDrafter:
         self._past = [[(empty, empty)] * cfg.num_layers for _ in prompts]
         self._pending = [[] for _ in prompts]
         self._length = [0] * len(prompts)
-        self._tokens = [[int(t) for t in p] for p in prompts] if self.corpus is not None else []
+        self._tail = [self._keep_tail(p) for p in prompts] if self.corpus is not None else []
         for row, h in enumerate(hidden):
             self._append(row, h)
         if self.lookup is not None:
@@ -121,7 +121,12 @@ class JetSpecDrafter:
             self.lookup.advance(accepted)
         if self.corpus is not None:
             for row, toks in enumerate(accepted):
-                self._tokens[row].extend(int(t) for t in toks)
+                self._tail[row] = self._keep_tail(self._tail[row] + list(toks))
+
+    def _keep_tail(self, tokens) -> list[int]:
+        """The last ``max_ngram - 1`` of ``tokens``: with the next root, all the corpus lookup reads."""
+        keep = self.corpus.max_ngram - 1
+        return [int(t) for t in list(tokens)[-keep:]] if keep else []
 
     @torch.no_grad()
     def _block_logprobs(self, row: int, root: int, given: Sequence[int | None]) -> torch.Tensor:
@@ -174,8 +179,7 @@ class JetSpecDrafter:
             if self._vocab is not None:
                 tokens = (root,) + tuple(self._vocab[i] for i in tokens[1:])
             if self.corpus is not None and budget > 1:
-                context = self._tokens[row][1 - self.corpus.max_ngram:] + [root]  # all a lookup reads
-                found = self.corpus.tree(context, budget, self.corpus_depth)
+                found = self.corpus.tree(self._tail[row] + [root], budget, self.corpus_depth)
                 if len(found[0]) > 1:
                     tokens, tree = merge_scored((tokens, tree, scores), found, budget)
             if extras is not None and len(extras[row].tokens) > 1:
