@@ -22,7 +22,8 @@ import torch
 from jetspec_compile import optimize
 from jetspec_compile.bench import run_interleaved
 from jetspec_compile.drafter import load_jetspec_drafter
-from jetspec_compile.models import cache_dir, load_smollm2
+from jetspec_compile.models import load_smollm2
+from jetspec_compile.paths import cache_dir
 from jetspec_compile.prompts import encode_chat, load_prompts
 
 METHODS = ("hf", "eager", "onnxruntime")

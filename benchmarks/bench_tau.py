@@ -24,6 +24,7 @@ import jetspec_compile as js
 from jetspec_compile.drafter import JetSpecDrafter, load_jetspec_drafter
 from jetspec_compile.drafter.vocab import frequent_tokens
 from jetspec_compile.models import load_smollm2
+from jetspec_compile.paths import cache_dir
 from jetspec_compile.prompts import encode_chat, load_prompts
 
 
@@ -64,8 +65,7 @@ def main() -> None:
                for v in args.draft_vocab for n in lookups for k in args.corpus]
     records = None
     if any(v for v in args.draft_vocab):
-        from jetspec_compile.drafter.data import read_sequences
-        from jetspec_compile.models import cache_dir
+        from jetspec_compile.training.data import read_sequences
         records = read_sequences(args.data or cache_dir() / "data" / "smollm2_selfdistill.jsonl")
     results = []
     bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")

@@ -97,7 +97,7 @@ def main() -> None:
         vs = f"  {eager / med:.2f}x faster than eager" if eager and backend != "eager" else ""
         print(f"{backend:11s} N={n:3d} linears={kernel:6s}: build {capture[key]:6.1f}s  first call "
               f"{first_call[key]:6.1f}s  verify {med * 1e3:6.1f} ms = {med / hf:.2f}x an HF step{vs}")
-    from jetspec_compile.passes.prepack_linear_weights import TIMINGS
+    from jetspec_compile.kernels.cpu_linear import TIMINGS
 
     for (out_f, in_f, rows), t in sorted(TIMINGS.items()):  # what "auto" measured and chose, per weight shape
         picked = min(t, key=t.get)

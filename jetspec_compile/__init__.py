@@ -11,7 +11,7 @@ Data flows capture → passes → lowering → runtime::
 
 from .capture import CapturedStep, capture_step
 from .config import JetSpecConfig
-from .drafter import DraftTree, Drafter, NGramDrafter
+from .drafter import Drafter, DraftTree, NGramDrafter
 from .errors import CacheFullError, JetSpecError, UnsupportedModelError
 from .runtime import TreeVerifier
 from .runtime.lossless import LosslessReport, check_lossless

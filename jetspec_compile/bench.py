@@ -18,6 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .drafter import NGramDrafter, load_jetspec_drafter
+from .prompts import encode_chat, load_jsonl, load_prompts
+from .runtime.spec_model import optimize
+from .targets import load_target
+
 __all__ = ["add_bench_arguments", "run_bench", "run_bench_cli", "run_interleaved"]
 
 
@@ -53,7 +58,6 @@ def _rss_mb() -> float:
 def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]]], *, budgets=(8,),
               max_new_tokens=128, assisted=True, progress=True, backends=("eager",)) -> dict:
     """Run all methods interleaved over every prompt; returns the raw per-prompt records and summaries."""
-    from . import optimize
 
     specs = {}
     for backend in backends:
@@ -240,9 +244,6 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
 
 def run_bench_cli(args) -> None:
-    from .cli import load_target
-    from .drafter import NGramDrafter, load_jetspec_drafter
-    from .prompts import encode_chat, load_jsonl, load_prompts
 
     torch.set_num_threads(args.threads)
     model, tok = load_target(args.model)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .interface import KVLayout, VerifyInterface
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,13 @@ class CapturedStep:
         layers_path: qualified name of the decoder-layer module list in ``model`` (e.g. ``model.layers``).
         num_layers: number of decoder layers.
         hidden_size: width of the residual stream.
-        meta: what the passes record (inputs they added, KV cache layout, tapped layers).
+        tap_layers: decoder layers whose outputs the step returns as ``hidden`` (set before ``tap_hidden_states``
+            to choose them; the pass records its choice here).
+        kv: the static KV cache layout (recorded by ``insert_kv_cache``).
+        windows: per decoder layer its attention window, None for full attention (recorded by
+            ``insert_tree_mask``).
+        functional_kv: the graph returns its new keys/values instead of writing the caches
+            (``functionalize_kv_writes``).
     """
 
     graph_module: torch.fx.GraphModule
@@ -52,11 +59,21 @@ class CapturedStep:
     layers_path: str
     num_layers: int
     hidden_size: int
-    meta: dict = field(default_factory=dict)
+    tap_layers: tuple[int, ...] | None = None
+    kv: KVLayout | None = None
+    windows: tuple[int | None, ...] | None = None
+    functional_kv: bool = False
 
     @property
     def config(self):
         return text_config(self.model)
+
+    @property
+    def interface(self) -> VerifyInterface:
+        """The rewritten step's inputs and outputs (after the tree-verify pipeline)."""
+        if self.kv is None or self.tap_layers is None:
+            raise RuntimeError("the step has no verify interface yet: run the tree-verify pipeline on it first")
+        return VerifyInterface(self.batch_size, self.num_nodes, self.kv, self.tap_layers, self.functional_kv)
 
 
 class _StepModule(nn.Module):

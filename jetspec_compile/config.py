@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS"]
+__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "PRECISIONS"]
 
 BACKENDS = ("eager", "inductor", "aoti", "onnxruntime", "tensorrt")
 #: candidates of ``budget="auto"``
 AUTO_BUDGETS = (4, 8, 16, 32)
+#: packed-GEMM settings of fp32 CPU linears, and TensorRT engine precisions
+CPU_LINEARS = ("auto", "mkl", "onednn")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class JetSpecConfig:
         self_check: compare the rewritten graph with the eager model once when it is built.
         artifact_dir: folder of compiled ``.pt2`` packages for ``backend="aoti"`` (default: the cache folder);
             ship it with a deployment so start-up loads instead of compiling.
+        cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``): ``"auto"`` (measure both per
+            weight shape), ``"mkl"`` or ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
+        precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's dtype.
     """
 
     backend: str = "eager"
@@ -37,6 +43,8 @@ class JetSpecConfig:
     tap_layers: tuple[int, ...] | None = None
     self_check: bool = True
     artifact_dir: str | None = None
+    cpu_linear: str | None = None
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -46,6 +54,10 @@ class JetSpecConfig:
         if not isinstance(self.max_cache_len, int) or self.max_cache_len <= self.max_budget:
             raise ValueError(f"max_cache_len must be an int larger than the budget ({self.max_budget}), "
                              f"got {self.max_cache_len!r}")
+        if self.cpu_linear not in (None, *CPU_LINEARS):
+            raise ValueError(f"cpu_linear must be one of {CPU_LINEARS} or None, got {self.cpu_linear!r}")
+        if self.precision not in (None, *PRECISIONS):
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
         if self.tap_layers is not None:
             object.__setattr__(self, "tap_layers", tuple(int(i) for i in self.tap_layers))
 

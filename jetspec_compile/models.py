@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .io import atomic_folder
+from .paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_dir", "smollm2_gguf", "smollm2_path", "load_smollm2"]
+__all__ = ["smollm2_gguf", "smollm2_path", "load_smollm2"]
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models and profiles are kept (``$JETSPEC_CACHE`` or ``~/.cache/jetspec_compile``)."""
-    return Path(os.environ.get("JETSPEC_CACHE", Path.home() / ".cache" / "jetspec_compile"))
 
 
 def smollm2_gguf() -> Path:
@@ -49,9 +44,7 @@ def smollm2_path(root: Path | None = None, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
-    try:
+    with atomic_folder(out) as tmp:
         logger.info("converting %s into %s (once, ~35 s)", gguf.name, out)
         if progress:
             print(f"jetspec_compile: converting {gguf.name} to a Hugging Face checkpoint (once, ~35 s)...")
@@ -66,10 +59,6 @@ def smollm2_path(root: Path | None = None, progress: bool = True) -> Path:
         model.generation_config = loaded.generation_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "path_to",
     "retrieve_indices",
     "pad_tree",
+    "tree_attention_mask",
 ]
 
 
@@ -142,3 +143,29 @@ def pad_tree(tree: TreeSpec, n: int) -> TreeSpec:
     if len(tree) > n:
         raise ValueError(f"tree has {len(tree)} nodes but the verify graph takes at most {n}; raise the budget")
     return TreeSpec(tree.parents + (0,) * (n - len(tree)))
+
+
+def tree_attention_mask(
+    tree_mask: torch.Tensor,
+    cache_valid: torch.Tensor,
+    cache_positions: torch.Tensor,
+    write_slots: torch.Tensor,
+    positions: torch.Tensor,
+    window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive attention mask ``[B, 1, N, L]`` of tree nodes over cache slots (0 visible, dtype-min hidden).
+
+    tree_mask: [B, N, N] bool; cache_valid: [B, L] bool; cache_positions: [B, L] int64; write_slots: [N] int64
+    (cache slots of the N nodes); positions: [B, N] int64 (tree position ids).
+    """
+    b, n, _ = tree_mask.shape
+    length = cache_valid.shape[1]
+    visible = cache_valid[:, None, :].expand(b, n, length)  # [B, N, L]: the committed prefix
+    visible = visible.index_copy(2, write_slots, tree_mask)  # tree columns: ancestors and self only
+    if window is not None:
+        key_positions = cache_positions.index_copy(1, write_slots, positions)  # [B, L]
+        visible = visible & ((positions[:, :, None] - key_positions[:, None, :]) < window)
+    zero = torch.zeros((), dtype=dtype, device=tree_mask.device)
+    hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=tree_mask.device)
+    return torch.where(visible, zero, hidden)[:, None]

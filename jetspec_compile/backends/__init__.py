@@ -1,76 +1,146 @@
-"""Lowering backends: how the rewritten verify graph runs.
+"""Lowering backends: how the rewritten verify step (and the drafter's step) run.
 
-``lower(name)`` returns a function ``CapturedStep -> callable`` taking the graph's inputs by name:
+Every backend implements the same two-method protocol, :class:`Backend`:
 
-* ``eager``: the rewritten FX graph (plus the PyTorch lowering passes), run op by op by PyTorch; on CPU its fp32
-  linears use weights packed once for MKL's GEMM.
-* ``inductor``: ``torch.compile`` with the ``jetspec`` backend (Inductor: C++ on CPU, Triton on GPU).
-* ``aoti``: the verify step compiled ahead of time by AOTInductor into a ``.pt2`` package, saved and reloaded
-  without compiling (``artifact_dir``).
-* ``onnxruntime``: the verify step exported to ONNX, run by onnxruntime.
-* ``tensorrt``: a TensorRT engine built from that ONNX file (needs ``tensorrt`` and a GPU).
+* ``lower_verify(step, options)`` turns a :class:`~jetspec_compile.capture.CapturedStep` that went through the
+  tree-verify pipeline into a callable taking the step's inputs by name
+  (:class:`~jetspec_compile.interface.VerifyInterface`) and returning ``(logits, hidden)``;
+* ``lower_drafter(drafter, options)`` returns the drafter with its network's step running on the backend, or the
+  drafter unchanged where the backend has no drafter lowering (it then runs in PyTorch).
 
-``lower_drafter(name)`` does the same for the drafter's step where the backend has a lowering for it
-(``onnxruntime``, ``aoti``); elsewhere the drafter runs in PyTorch.
+The backends: ``eager`` (the rewritten FX graph run op by op; fp32 CPU linears from packed weights),
+``inductor`` (``torch.compile`` with the ``jetspec`` backend: C++ on CPU, Triton on GPU), ``aoti`` (AOTInductor
+``.pt2`` packages compiled once and reloaded), ``onnxruntime`` (ONNX export run by onnxruntime) and ``tensorrt``
+(an engine built from that ONNX file; needs TensorRT and an NVIDIA GPU). :class:`LoweringOptions` carries what
+they read from :class:`~jetspec_compile.config.JetSpecConfig`.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Callable
 
-import functools
+from ..config import BACKENDS as BACKEND_NAMES
+from ..config import JetSpecConfig
+from ..kernels.cpu_linear import kernel_setting
+from ..passes import LOWERING_PASSES, PassManager, prepack_linear_weights
+from .aoti import lower_aoti, lower_drafter_aoti
+from .inductor import lower_inductor
+from .onnx import lower_onnxruntime
+from .onnx_drafter import lower_drafter_onnxruntime
+from .tensorrt import lower_tensorrt
 
-__all__ = ["lower", "lower_drafter", "lower_eager", "write_new_kv"]
-
-
-def write_new_kv(inputs: dict, new_kv, num_layers: int) -> None:
-    """Write an exported step's new keys/values (``k_new_0, v_new_0, ...``) into the caches it was given, at
-    ``write_slots``: what the eager graph's in-place writes do."""
-    import torch
-
-    slots = inputs["write_slots"]
-    for layer in range(num_layers):
-        for j, kv in enumerate("kv"):
-            cache = inputs[f"{kv}_cache_{layer}"]
-            new = new_kv[2 * layer + j]
-            new = torch.from_numpy(new) if not isinstance(new, torch.Tensor) else new
-            cache.index_copy_(2, slots, new.to(cache.device, cache.dtype))
+__all__ = ["Backend", "LoweringOptions", "BACKENDS", "get_backend", "lower", "lower_drafter", "lower_eager"]
 
 
-def lower_eager(step, prepack: bool = True):
+@dataclass(frozen=True)
+class LoweringOptions:
+    """What the backends read from the config.
+
+    Attributes:
+        artifact_dir: folder of compiled packages (``aoti``; default: the cache folder).
+        cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``): ``"auto"``, ``"mkl"``,
+            ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
+        max_cache_len: longest cache a built engine must accept (``tensorrt``'s optimisation profile).
+        precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's own dtype.
+    """
+
+    artifact_dir: str | None = None
+    cpu_linear: str | None = None
+    max_cache_len: int = 2048
+    precision: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cpu_linear", kernel_setting(self.cpu_linear))  # checked once, read once
+        if self.precision not in (None, "fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be 'fp32', 'fp16', 'bf16' or None, got {self.precision!r}")
+
+    @classmethod
+    def from_config(cls, config: JetSpecConfig) -> "LoweringOptions":
+        return cls(artifact_dir=config.artifact_dir, cpu_linear=config.cpu_linear,
+                   max_cache_len=config.max_cache_len, precision=config.precision)
+
+
+class Backend:
+    """A lowering backend (see the module docstring). Subclasses set ``name`` and implement ``lower_verify``."""
+
+    name: str = ""
+
+    def lower_verify(self, step, options: LoweringOptions) -> Callable:
+        raise NotImplementedError
+
+    def lower_drafter(self, drafter, options: LoweringOptions):
+        return drafter  # the drafter's step stays in PyTorch
+
+
+def lower_eager(step, prepack: bool = True, cpu_linear: str | None = None):
     """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention) and,
-    with ``prepack``, fp32 CPU linears run from MKL-packed weights (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
-    from ..passes import EAGER_CPU_PASSES, LOWERING_PASSES, PassManager
-
-    PassManager(EAGER_CPU_PASSES if prepack else LOWERING_PASSES)(step)
+    with ``prepack``, fp32 CPU linears run from packed weights (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
+    passes = LOWERING_PASSES + ((functools.partial(prepack_linear_weights, kernel=cpu_linear),) if prepack else ())
+    PassManager(passes)(step)
     return step.graph_module
 
 
-def lower(name: str, artifact_dir=None) -> Callable | None:
-    """The lowering function of backend ``name``; ``artifact_dir`` is where ``aoti`` keeps its packages."""
-    if name == "eager":
-        return lower_eager
-    if name == "inductor":
-        from .inductor import lower_inductor
-        return lower_inductor
-    if name == "aoti":
-        from .aoti import lower_aoti
-        return functools.partial(lower_aoti, artifact_dir=artifact_dir)
-    if name == "onnxruntime":
-        from .onnx import lower_onnxruntime
-        return lower_onnxruntime
-    if name == "tensorrt":
-        from .tensorrt import lower_tensorrt
-        return lower_tensorrt
-    raise ValueError(f"unknown backend {name!r}; available: 'eager', 'inductor', 'aoti', 'onnxruntime', 'tensorrt'")
+class EagerBackend(Backend):
+    name = "eager"
+
+    def lower_verify(self, step, options):
+        return lower_eager(step, cpu_linear=options.cpu_linear)
 
 
-def lower_drafter(name: str, artifact_dir=None) -> Callable | None:
-    """``drafter -> drafter`` running its steps on backend ``name``, or None where the drafter stays in PyTorch."""
-    if name == "aoti":
-        from .aoti import lower_drafter_aoti
-        return functools.partial(lower_drafter_aoti, artifact_dir=artifact_dir)
-    if name == "onnxruntime":
-        from .onnx import lower_drafter_onnxruntime
-        return lower_drafter_onnxruntime
-    return None
+class InductorBackend(Backend):
+    name = "inductor"
+
+    def lower_verify(self, step, options):
+        return lower_inductor(step, cpu_linear=options.cpu_linear)
+
+
+class AotiBackend(Backend):
+    name = "aoti"
+
+    def lower_verify(self, step, options):
+        return lower_aoti(step, artifact_dir=options.artifact_dir)
+
+    def lower_drafter(self, drafter, options):
+        return lower_drafter_aoti(drafter, artifact_dir=options.artifact_dir)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def lower_verify(self, step, options):
+        return lower_onnxruntime(step)
+
+    def lower_drafter(self, drafter, options):
+        return lower_drafter_onnxruntime(drafter)
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def lower_verify(self, step, options):
+        return lower_tensorrt(step, max_cache_len=options.max_cache_len, precision=options.precision)
+
+
+#: every backend by name (the names :data:`jetspec_compile.config.BACKENDS` lists)
+BACKENDS: dict[str, Backend] = {b.name: b for b in (EagerBackend(), InductorBackend(), AotiBackend(),
+                                                    OnnxRuntimeBackend(), TensorRTBackend())}
+assert tuple(BACKENDS) == BACKEND_NAMES, "config.BACKENDS and the backend registry disagree"
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(map(repr, BACKENDS))}")
+    return BACKENDS[name]
+
+
+def lower(name: str, options: LoweringOptions | None = None) -> Callable:
+    """``step -> callable``: backend ``name``'s verify lowering with ``options`` (what ``TreeVerifier`` takes as
+    ``compile_fn``)."""
+    return functools.partial(get_backend(name).lower_verify, options=options or LoweringOptions())
+
+
+def lower_drafter(name: str, drafter, options: LoweringOptions | None = None):
+    """``drafter`` with its steps on backend ``name`` (or unchanged where the backend has no drafter lowering)."""
+    return get_backend(name).lower_drafter(drafter, options or LoweringOptions())

@@ -21,71 +21,51 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..counters import counters
+from ..drafter import JetSpecDrafter
+from ..drafter.step import DraftStep, draft_step_export_spec, drafter_network
 from ..errors import JetSpecError
+from ..interface import VerifyInterface
+from ..io import atomic_file, model_fingerprint
 from ..passes import functionalize_kv_writes
+from ..paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["export_step_aoti", "AotiVerifyStep", "lower_aoti", "export_drafter_aoti", "AotiDraftStep",
-           "lower_drafter_aoti", "model_fingerprint", "STATS"]
+           "lower_drafter_aoti"]
 
-#: counters tests read: packages compiled and packages loaded from disk
-STATS = {"compiled": 0, "loaded": 0}
-
-
-def model_fingerprint(model, config_text: str | None = None) -> str:
-    """Hash of the model's config and weights (shapes, dtypes, per-tensor sums and a few values)."""
-    text = config_text if config_text is not None else model.config.to_json_string(use_diff=False)
-    h = hashlib.sha256(text.encode())
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            flat = t.detach().reshape(-1)
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(repr(float(flat.double().sum())).encode())
-            h.update(flat[:: max(1, flat.numel() // 64)][:64].double().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 #: how packages are compiled (bumped when that changes, e.g. freezing on CPU), part of every package's key so a
 #: package built the old way is compiled again instead of loaded
-PACKAGE_FORMAT = 2
+PACKAGE_FORMAT = 3
 
 
 def _step_key(step, fingerprint: str) -> dict:
-    kv = step.meta["kv"]
-    return {"model": fingerprint, "format": PACKAGE_FORMAT, "batch_size": step.batch_size, "num_nodes": step.num_nodes,
-            "tap_layers": list(step.meta["tap_layers"]), "kv": {**kv, "dtype": str(kv["dtype"])},
+    interface = step.interface
+    return {"model": fingerprint, "format": PACKAGE_FORMAT, "batch_size": interface.batch_size,
+            "num_nodes": interface.num_nodes, "tap_layers": list(interface.tap_layers), "kv": interface.kv.to_json(),
             "torch": torch.__version__, "device": str(next(step.model.parameters()).device)}
-
-
-def _ordered_inputs(step, length: int) -> dict[str, torch.Tensor]:
-    """Example inputs in the graph's placeholder order (torch.export binds a GraphModule's kwargs by position)."""
-    from .onnx import _example_inputs
-
-    example = _example_inputs(step, length)
-    return {name: example[name] for name in inspect.signature(step.graph_module.forward).parameters}
 
 
 def export_step_aoti(step, path: str | Path, *, fingerprint: str | None = None) -> Path:
     """Compile a step that went through the verify pipeline into the AOTInductor package ``path`` (.pt2)."""
-    if not step.meta.get("functional_kv"):
+    if not step.functional_kv:
         functionalize_kv_writes(step)
         step.graph_module.recompile()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = step.num_nodes
-    inputs = _ordered_inputs(step, max(2 * n, 64))
-    length = torch.export.Dim("cache_len", min=n + 1, max=1 << 16)
-    dynamic = {k: ({2: length} if k.startswith(("k_cache", "v_cache")) else {1: length} if k.startswith("cache_")
-                   else None) for k in inputs}
-    meta = {**_step_key(step, fingerprint or model_fingerprint(step.model)), "inputs": list(inputs),
-            "num_layers": step.meta["kv"]["num_layers"]}
+    interface = step.interface
+    example = interface.example_inputs(max(2 * step.num_nodes, 64), next(step.model.parameters()).device)
+    # torch.export binds a GraphModule's kwargs by position: the placeholders' order
+    inputs = {name: example[name] for name in inspect.signature(step.graph_module.forward).parameters}
+    dynamic = interface.dynamic_shapes(torch.export.Dim("cache_len", min=step.num_nodes + 1, max=1 << 16))
+    dynamic = {name: dynamic[name] for name in inputs}
+    meta = {**_step_key(step, fingerprint or model_fingerprint(step.model)), "interface": interface.to_json()}
     _compile_package(step.graph_module, inputs, dynamic, path, meta, type(step.model).__name__)
     return path
 
@@ -99,20 +79,16 @@ def _inductor_configs(module) -> dict:
 
 def _compile_package(module, inputs: dict, dynamic: dict, path: Path, meta: dict, what: str) -> None:
     """torch.export + AOTInductor into ``path``, written under a temporary name; the JSON beside it comes last."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=path.parent)
-    os.close(fd)
     try:
-        with torch.no_grad():
+        with atomic_file(path, suffix=".pt2") as tmp, torch.no_grad():
             ep = torch.export.export(module, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
-            torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=_inductor_configs(module))
-        os.replace(tmp, path)
-        Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))  # last: marks the package complete
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
+                                                     inductor_configs=_inductor_configs(module))
+        with atomic_file(Path(str(path) + ".json")) as tmp:  # last: marks the package complete
+            tmp.write_text(json.dumps(meta, indent=1))
     except Exception as err:
         raise JetSpecError(f"AOTInductor compile of {what} failed and nothing was written: {err}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    STATS["compiled"] += 1
+    counters["aoti"]["compiled"] += 1
 
 
 def _load_package(path: str | Path) -> tuple[dict, object]:
@@ -123,7 +99,7 @@ def _load_package(path: str | Path) -> tuple[dict, object]:
         raise FileNotFoundError(f"{path} is not a complete AOTInductor package (needs {path.name} and "
                                 f"{meta_path.name}); compile it with optimize(..., backend='aoti')")
     runner = torch._inductor.aoti_load_package(str(path))
-    STATS["loaded"] += 1
+    counters["aoti"]["loaded"] += 1
     return json.loads(meta_path.read_text()), runner
 
 
@@ -133,22 +109,19 @@ class AotiVerifyStep:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.meta, self.runner = _load_package(path)
+        self.interface = VerifyInterface.from_json(self.meta["interface"])
 
     def __call__(self, **inputs):
-        from . import write_new_kv
-
         # the package was compiled for contiguous inputs and does not check strides: the runtime's cache views
         # (slices of one [2L, B, H, max_len, D] buffer) are copied first (the new K/V go back into the originals)
-        ordered = {name: inputs[name].contiguous() for name in self.meta["inputs"]}
+        ordered = {name: inputs[name].contiguous() for name in self.interface.input_names}
         logits, hidden, *new_kv = self.runner(**ordered)
-        write_new_kv(inputs, new_kv, self.meta["num_layers"])
+        self.interface.write_new_kv(inputs, new_kv)
         return logits, hidden
 
 
 def lower_aoti(step, artifact_dir: str | Path | None = None) -> AotiVerifyStep:
     """Load the step's package from ``artifact_dir`` (default: the cache folder) or compile and save it there."""
-    from ..models import cache_dir
-
     folder = Path(artifact_dir) if artifact_dir is not None else cache_dir() / "aoti"
     key = _step_key(step, model_fingerprint(step.model))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -168,12 +141,8 @@ def lower_aoti(step, artifact_dir: str | Path | None = None) -> AotiVerifyStep:
 def export_drafter_aoti(drafter, path: str | Path, *, fingerprint: str | None = None) -> Path:
     """Compile the drafter's step (a :class:`~jetspec_compile.drafter.JetSpecDrafter` or its network) into the
     AOTInductor package ``path``; the shared embedding and LM head are embedded in it."""
-    from ..drafter.step import DraftStep
-    from .onnx import _drafter_network, draft_step_export_spec
-
-    net = _drafter_network(drafter)
+    net = drafter_network(drafter)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     step = DraftStep(net).eval()
     inputs, dynamic = draft_step_export_spec(net)
     meta = {"kind": "draft_step", "model": fingerprint or model_fingerprint(step, net.cfg.to_json()),
@@ -200,10 +169,6 @@ class AotiDraftStep:
 def lower_drafter_aoti(drafter, artifact_dir: str | Path | None = None):
     """A copy of ``drafter`` whose steps run a compiled package (loaded from ``artifact_dir`` or compiled into
     it); drafters without a network (n-gram) are returned unchanged."""
-    from ..drafter import JetSpecDrafter
-    from ..drafter.step import DraftStep
-    from ..models import cache_dir
-
     if not isinstance(drafter, JetSpecDrafter):
         return drafter
     folder = Path(artifact_dir) if artifact_dir is not None else cache_dir() / "aoti"

@@ -17,9 +17,8 @@ extern kernel. On CPU the op would run its dense reference, so the plain SDPA gr
 except the cache view length, which is marked dynamic on the first call, so each graph compiles once. On CPU it
 compiles with Inductor's ``freezing``: the weights become constants, which lets Inductor pack them for a GEMM
 once and fuse everything between the GEMMs. Inductor packs fp32 weights for MKL; :class:`PackedLinearPass` moves
-the linears to oneDNN where that is faster on this CPU (on an Intel Xeon, verifying 8 SmolLM2 nodes took 39.2 ms
-with MKL against a 36.1 ms HF decoding step; on an AMD EPYC, 97 ms with MKL, 42 ms after the pass, against a
-67–78 ms HF step; ``benchmarks/bench_verify.py --nodes 8 --backends inductor``). Dynamo must trace with
+the linears to oneDNN where that is faster on this CPU (MKL's small-row GEMMs are slow on AMD CPUs; figures in
+``docs/results.md``, from ``benchmarks/bench_verify.py --nodes 8 --backends inductor``). Dynamo must trace with
 ``freezing`` on (it is what turns parameters into constants), so ``lower_inductor`` sets it around the compiled
 call, not only inside the backend. A frozen graph keeps the weights it was compiled with: after changing the
 model's weights, call ``optimize`` again. Freezing also bypasses Inductor's FX-graph cache: every process compiles
@@ -39,14 +38,15 @@ from typing import Callable
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from ..passes.prepack_linear_weights import CPU_LINEAR_KERNELS, choose_kernel, kernel_setting, pack_weight
+from ..counters import counters
+from ..interface import VerifyInterface
+from ..kernels.cpu_linear import CPU_LINEAR_KERNELS, choose_kernel, kernel_setting, pack_weight
+from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedLinearPass", "TreeAttentionPass", "jetspec_backend", "lower_inductor", "STATS"]
+__all__ = ["PackedLinearPass", "TreeAttentionPass", "jetspec_backend", "lower_inductor"]
 
-#: counters of the last compilations (tests read them): compiles, tree attentions seen by the post-grad pass
-STATS = {"compiles": 0, "frozen_compiles": 0, "tree_attention_ops": 0, "onednn_linears": 0}
 
 _SDPA_TARGETS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -68,7 +68,7 @@ class TreeAttentionPass(CustomGraphPass):
         for node in graph.nodes:
             if node.op == "call_function" and (node.target in _SDPA_TARGETS or _is_tree_attention_op(node.target)):
                 attention += 1
-        STATS["tree_attention_ops"] = attention
+        counters["inductor"]["tree_attention_ops"] = attention
         logger.info("jetspec post-grad pass: %d attention ops", attention)
 
     def uuid(self) -> bytes:
@@ -79,9 +79,8 @@ class PackedLinearPass(CustomGraphPass):
     """Post-grad pass over a *frozen* CPU graph: picks the packed GEMM kernel of every fp32 linear.
 
     With ``freezing``, Inductor packs fp32 linear weights for MKL (``mkl._mkl_linear``). MKL's small-row GEMMs
-    are fast on Intel CPUs and slow on others: on this project's AMD EPYC (Zen 4) machine an 8-node SmolLM2 verify
-    forward took 97 ms with them and 42 ms after this pass (``benchmarks/bench_verify.py``). Each MKL linear whose
-    kernel :func:`~jetspec_compile.passes.prepack_linear_weights.choose_kernel` says is slower than oneDNN here
+    are fast on Intel CPUs and can be several times slower than oneDNN's on others (AMD; ``docs/results.md``). Each
+    MKL linear whose kernel :func:`~jetspec_compile.kernels.cpu_linear.choose_kernel` says is slower than oneDNN here
     (``kernel``: ``"auto"`` measures per shape, ``"mkl"`` / ``"onednn"`` force one) becomes
     ``mkldnn._linear_pointwise`` on a weight packed for oneDNN, a constant of the frozen graph.
     """
@@ -124,7 +123,7 @@ class PackedLinearPass(CustomGraphPass):
                         delattr(gm, unused.target)
             rewritten += 1
         graph.eliminate_dead_code()
-        STATS["onednn_linears"] += rewritten
+        counters["inductor"]["onednn_linears"] += rewritten
         logger.info("jetspec packed-linear pass: %d linears on oneDNN", rewritten)
 
     def uuid(self) -> bytes:
@@ -141,17 +140,13 @@ def jetspec_backend(gm: torch.fx.GraphModule, example_inputs, freezing: bool = F
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    STATS["compiles"] += 1
-    STATS["frozen_compiles"] += bool(freezing)
+    counters["inductor"]["compiles"] += 1
+    counters["inductor"]["frozen_compiles"] += bool(freezing)
     passes = {"post_grad_custom_post_pass": TreeAttentionPass()}
     if freezing:
         passes["post_grad_custom_pre_pass"] = PackedLinearPass(cpu_linear)
     with inductor_config.patch(freezing=freezing, **passes):
         return compile_fx(gm, example_inputs)
-
-
-#: inputs whose length follows the cache view (dimension), marked dynamic on the first call
-_CACHE_LENGTH_DIMS = {"cache_valid": 1, "cache_positions": 1}
 
 
 def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = None,
@@ -164,8 +159,6 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     ``JETSPEC_CPU_LINEAR`` sets another), ``"onednn"`` or ``"mkl"``; see :class:`PackedLinearPass`.
     """
     from torch._inductor import config as inductor_config
-
-    from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager
 
     cpu_linear = kernel_setting(cpu_linear)  # a bad setting fails here, before the graph is touched
 
@@ -180,7 +173,7 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     def run(**inputs):
         if first[0]:  # one compile for every cache length, instead of a second one after the first change
             for name, tensor in inputs.items():
-                dim = 2 if name.startswith(("k_cache_", "v_cache_")) else _CACHE_LENGTH_DIMS.get(name)
+                dim = VerifyInterface.length_dim(name)
                 if dim is not None:
                     torch._dynamo.mark_dynamic(tensor, dim)
             first[0] = False

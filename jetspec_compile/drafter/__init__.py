@@ -9,7 +9,7 @@ from .corpus import CorpusIndex
 from .jetspec import JetSpecDrafter
 from .model import DrafterConfig, ParallelDrafter
 from .ngram import NGramDrafter
-from .protocol import DraftTree, Drafter
+from .protocol import Drafter, DraftTree
 from .tree_builder import best_first_tree
 
 __all__ = [

@@ -3,9 +3,7 @@ with an optional ``corpus.safetensors`` (:mod:`~jetspec_compile.drafter.corpus`:
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..capture import text_config
+from ..io import atomic_folder
 from .corpus import CORPUS_FILE, CorpusIndex
 from .model import DrafterConfig, ParallelDrafter, vocab_problem
 
@@ -30,9 +29,7 @@ def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype 
     ``path`` first and renamed into place, so a crash never leaves a half-written checkpoint that looks complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
                  for k, v in drafter.state_dict().items()}  # token ids (draft_vocab) stay integers
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "jetspec-drafter"})
@@ -41,19 +38,6 @@ def save_drafter(drafter: ParallelDrafter, path: str | Path, dtype: torch.dtype 
             corpus.save(tmp / CORPUS_FILE)
         elif (path / CORPUS_FILE).exists():
             shutil.copyfile(path / CORPUS_FILE, tmp / CORPUS_FILE)
-        for item in (tmp, tmp / WEIGHTS, tmp / CONFIG, tmp / CORPUS_FILE):  # mkdtemp's folder is private
-            if item.exists():
-                item.chmod(0o755 if item.is_dir() else 0o644)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -15,8 +15,6 @@ Saved next to a drafter as ``corpus.safetensors`` (int32 tokens, sequences separ
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +23,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..io import atomic_file
 from ..tree import TreeSpec
+from .trie import Trie
 
 __all__ = ["CorpusIndex", "CORPUS_FILE"]
 
@@ -98,50 +98,33 @@ class CorpusIndex:
                 return n, self._starts[np.unique(picked)] + n
         return 0, np.zeros(0, dtype=np.int64)
 
-    def tree(self, context: Sequence[int], nodes: int, depth: int) -> tuple[tuple[int, ...], TreeSpec, list[float]]:
-        """The continuation trie of ``context`` (whose last token is the root) cut to the ``nodes`` best-scored
-        nodes (root included, at most ``depth`` below it): ``(tokens, tree, scores)``; ``scores[0] = 0``."""
-        root = int(context[-1])
+    def trie(self, context: Sequence[int], depth: int) -> Trie:
+        """The continuation trie of ``context`` (whose last token is the root), at most ``depth`` below the root;
+        a node scores ``log(count / (matches + smoothing))``."""
         n, after = self.matches(context)
-        tokens, parents, counts = [root], [-1], [len(after)]
-        children: dict[tuple[int, int], int] = {}
+        trie, counts = Trie(int(context[-1])), [len(after)]
         for p in after.tolist():
             node = 0
             for tok in self.tokens[p:p + depth].tolist():
                 if tok < 0:
                     break
-                nxt = children.get((node, tok))
-                if nxt is None:
-                    nxt = children[(node, tok)] = len(tokens)
-                    tokens.append(tok)
-                    parents.append(node)
-                    counts.append(0)
-                counts[nxt] += 1
-                node = nxt
+                node = trie.add(node, tok)
+                counts += [0] * (len(trie) - len(counts))
+                counts[node] += 1
         total = len(after) + self.smoothing
-        depth_of = [0] * len(tokens)
-        for i in range(1, len(tokens)):
-            depth_of[i] = depth_of[parents[i]] + 1
-        # a child never outscores its parent; ties go to the shallower node, so parents come first
-        keep = sorted(range(1, len(tokens)), key=lambda i: (-counts[i], depth_of[i], i))[:max(0, nodes - 1)]
-        order = [0] + keep
-        new = {old: k for k, old in enumerate(order)}
-        return (tuple(tokens[i] for i in order), TreeSpec(tuple(-1 if i == 0 else new[parents[i]] for i in order)),
-                [0.0] + [float(np.log(counts[i] / total)) for i in keep])
+        trie.scores = [0.0] + [float(np.log(c / total)) for c in counts[1:]]
+        return trie
+
+    def tree(self, context: Sequence[int], nodes: int, depth: int) -> tuple[tuple[int, ...], TreeSpec, list[float]]:
+        """:meth:`trie` cut to its ``nodes`` best-scored nodes (root included; a child never outscores its parent,
+        ties go to the shallower node, so parents come first): ``(tokens, tree, scores)``; ``scores[0] = 0``."""
+        return self.trie(context, depth).best(max(1, nodes), with_scores=True)
 
     def save(self, path: str | Path) -> Path:
         """Write the corpus tokens to ``path`` (a ``.safetensors`` file), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"tokens": torch.from_numpy(self.tokens.copy())}, tmp, metadata={"format": "jetspec-corpus"})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            save_file({"tokens": torch.from_numpy(self.tokens.copy())}, str(tmp), metadata={"format": "jetspec-corpus"})
         return path
 
     @classmethod

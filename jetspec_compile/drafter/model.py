@@ -15,9 +15,9 @@ target's family: only the hidden size, vocabulary and tapped layers must match.
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch

@@ -1,5 +1,6 @@
 """The drafter's per-step computation as one module: what :class:`~jetspec_compile.drafter.JetSpecDrafter`
-runs every ``draft`` and what backends export (``jetspec_compile.backends.onnx.export_drafter_onnx``).
+runs every ``draft`` and what backends export (:func:`draft_step_export_spec` gives the example inputs and
+dynamic shapes of an export).
 
 One call takes the row's cached context keys/values (``past``), the tapped hidden states of the tokens
 committed since the last call (``hidden``, possibly none), and ``M`` blocks ``[anchor, MASK × (S-1)]``; it
@@ -15,10 +16,11 @@ import functools
 import torch
 from torch import nn
 
-from ..passes.prepack_linear_weights import packed_linear, with_packed_linears
+from ..errors import JetSpecError
+from ..kernels.cpu_linear import packed_linear, with_packed_linears
 from .model import ParallelDrafter
 
-__all__ = ["DraftStep", "visible_mask"]
+__all__ = ["DraftStep", "visible_mask", "drafter_network", "draft_step_export_spec", "draft_inputs"]
 
 
 def visible_mask(context: int | torch.SymInt, blocks: int, block_size: int, device=None) -> torch.Tensor:
@@ -74,3 +76,48 @@ class DraftStep(nn.Module):
             head = functools.partial(packed_linear, weight=self.head_weight, bias=self.head_bias)
         logits = self.model(anchors, block_positions, kv, mask, revealed, head)  # [1, M, S, V or V']
         return logits[0].float().log_softmax(-1), new
+
+
+def drafter_network(drafter) -> ParallelDrafter:
+    """The network of a drafter to export: a ``ParallelDrafter`` itself, or a JetSpec drafter's ``model``."""
+    if isinstance(drafter, ParallelDrafter):
+        return drafter
+    if isinstance(getattr(drafter, "model", None), ParallelDrafter):
+        return drafter.model
+    raise JetSpecError(f"only the parallel drafter's step can be exported, got {type(drafter).__name__} "
+                       "(training-free drafters such as NGramDrafter have no network and run in Python)")
+
+
+def draft_step_export_spec(net) -> tuple[dict, dict]:
+    """Example inputs and ``dynamic_shapes`` for exporting a :class:`~jetspec_compile.drafter.step.DraftStep`:
+    cached context ``T``, new tokens ``t`` (both may be 0) and blocks ``M`` are dynamic."""
+    cfg = net.cfg
+    context, new = torch.export.Dim("context", min=0, max=1 << 16), torch.export.Dim("new", min=0, max=1 << 16)
+    blocks = torch.export.Dim("blocks", min=1, max=256)
+    dynamic = {"hidden": {1: new}, "positions": {1: new}, "anchors": {1: blocks}, "revealed": {1: blocks},
+               "block_positions": {1: blocks * cfg.block_size},
+               "past": [({2: context}, {2: context}) for _ in range(cfg.num_layers)]}
+    return draft_inputs(net, context=11, new=3, blocks=2), dynamic
+
+
+def draft_inputs(net, context: int, new: int, blocks: int, seed: int = 0) -> dict:
+    """Random step inputs in ``DraftStep.forward``'s argument order: ``context`` cached tokens, ``new`` pending
+    ones, ``blocks`` blocks (the second onward with a revealed depth-1 token)."""
+    cfg = net.cfg
+    g = torch.Generator().manual_seed(seed)
+    device, dtype = net.fc.weight.device, net.fc.weight.dtype
+    s, p = cfg.block_size, context + new
+    revealed = torch.full((1, blocks, s - 1), -1, dtype=torch.long)
+    if s > 1:
+        revealed[0, 1:, 0] = torch.randint(0, cfg.vocab_size, (blocks - 1,), generator=g)
+    inputs = {
+        "hidden": torch.randn(1, new, len(cfg.tap_layers) * cfg.target_hidden_size, generator=g),
+        "positions": torch.arange(context, p)[None],
+        "anchors": torch.randint(0, cfg.vocab_size, (1, blocks), generator=g),
+        "revealed": revealed,
+        "block_positions": torch.arange(p, p + s).repeat(blocks)[None],
+        "past": [tuple(torch.randn(1, cfg.num_kv_heads, context, cfg.head_dim, generator=g) for _ in "kv")
+                 for _ in range(cfg.num_layers)],
+    }
+    cast = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    return {k: [tuple(cast(t) for t in kv) for kv in v] if k == "past" else cast(v) for k, v in inputs.items()}

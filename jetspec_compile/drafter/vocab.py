@@ -17,7 +17,7 @@ __all__ = ["frequent_tokens"]
 
 def frequent_tokens(records: Iterable[dict], size: int, always: Sequence[int] = ()) -> list[int]:
     """The ``size`` most frequent token ids of the responses in ``records`` (self-distillation records with
-    ``response_ids``, as :func:`~jetspec_compile.drafter.data.read_sequences` returns), most frequent first;
+    ``response_ids``, as :func:`~jetspec_compile.training.data.read_sequences` returns), most frequent first;
     ties by id. ``always`` (e.g. the EOS token) are included whatever their count. If the responses hold fewer
     distinct tokens, the list is topped up from the prompts' tokens; it may then still be shorter than ``size``.
     """

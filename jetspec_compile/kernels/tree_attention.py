@@ -1,7 +1,7 @@
 """``torch.ops.jetspec.tree_attention``: attention of tree nodes over the KV cache without a dense mask.
 
 The op computes exactly ``sdpa(q, k, v, attn_mask=tree_attention_mask(...), scale=scale, enable_gqa=True)``
-(see :func:`jetspec_compile.passes.insert_tree_mask.tree_attention_mask`) but takes the mask's *inputs*:
+(see :func:`jetspec_compile.tree.tree_attention_mask`) but takes the mask's *inputs*:
 
 * ``cache_valid [B, L]`` bool, ``cache_positions [B, L]`` int64: committed slots and their position ids;
 * ``write_slots [N]`` int64: the (distinct) cache slots of the N tree nodes;
@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from ..passes.insert_tree_mask import tree_attention_mask
+from ..tree import tree_attention_mask
 
 __all__ = ["ancestor_bits", "slot_nodes", "tree_attention", "tree_attention_reference", "tree_attention_triton"]
 

@@ -19,11 +19,11 @@ MKL-packed weights). ``EXPORT_PIPELINE`` appends ``functionalize_kv_writes`` (af
 
 from .functionalize_kv_writes import functionalize_kv_writes
 from .insert_kv_cache import insert_kv_cache
-from .insert_tree_mask import attention_windows, insert_tree_mask, tree_attention_mask
+from .insert_tree_mask import attention_windows, insert_tree_mask
 from .insert_tree_positions import insert_tree_positions
 from .manager import PassManager, PassResult, lint_graph
-from .tap_hidden_states import default_tap_layers, tap_hidden_states
 from .prepack_linear_weights import prepack_linear_weights, prepack_supported
+from .tap_hidden_states import default_tap_layers, tap_hidden_states
 from .use_native_gqa import use_native_gqa
 from .use_tree_attention_op import use_tree_attention_op
 
@@ -56,7 +56,6 @@ __all__ = [
     "prepack_linear_weights",
     "prepack_supported",
     "tap_hidden_states",
-    "tree_attention_mask",
     "use_native_gqa",
     "use_tree_attention_op",
 ]

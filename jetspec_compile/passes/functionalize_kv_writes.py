@@ -28,5 +28,5 @@ def functionalize_kv_writes(step) -> PassResult:
         new_kv.append(node.args[3])
     out, values = output_values(gm)
     out.args = (tuple(values) + tuple(new_kv),)
-    step.meta["functional_kv"] = True
+    step.functional_kv = True
     return PassResult(True, {"writes_functionalized": len(writes)})

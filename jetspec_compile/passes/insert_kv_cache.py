@@ -6,7 +6,7 @@ shared ``write_slots`` ``[N]`` input; the layer's new keys/values (found by walk
 key/value through view-only ops such as grouped-query ``repeat_kv``, so the cache holds ``H_kv`` heads) are
 written in place with ``index_copy_`` at ``write_slots``, and attention then reads the whole cache (repeated to
 the query's head count when ``H_kv < H``). The cache length ``L`` is not baked into the graph: callers may pass
-views of the first ``L' <= L`` slots. Records the cache layout in ``step.meta["kv"]``.
+views of the first ``L' <= L`` slots. Records the cache layout in ``step.kv``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
+from ..interface import WRITE_SLOTS, KVLayout, cache_name
 from .manager import PassResult
 from .patterns import VIEW_OPS, add_placeholders, attention_by_layer, val
 
@@ -37,13 +38,13 @@ def insert_kv_cache(step) -> PassResult:
     gm = step.graph_module
     batch, n = step.batch_size, step.num_nodes
     by_layer = attention_by_layer(gm, step.layers_path, step.num_layers)
-    (write_slots,) = add_placeholders(gm, ["write_slots"])
+    (write_slots,) = add_placeholders(gm, [WRITE_SLOTS])
     layout = []
     for layer in range(step.num_layers):
         attn = by_layer[layer]
         q, k, v = attn.args[:3]
         heads = val(q).shape[1]
-        k_cache, v_cache = add_placeholders(gm, [f"k_cache_{layer}", f"v_cache_{layer}"])
+        k_cache, v_cache = add_placeholders(gm, [cache_name("k", layer), cache_name("v", layer)])
         new_kv = []
         for arg, cache in ((k, k_cache), (v, v_cache)):
             src = _source(arg, batch, n)
@@ -71,5 +72,5 @@ def insert_kv_cache(step) -> PassResult:
     if len(shapes) != 1:
         raise UnsupportedModelError(f"layers have different KV shapes {sorted(shapes)}; a uniform cache is required")
     (heads_kv, head_dim), dtype = layout[0]
-    step.meta["kv"] = {"num_layers": step.num_layers, "heads": heads_kv, "head_dim": head_dim, "dtype": dtype}
+    step.kv = KVLayout(step.num_layers, heads_kv, head_dim, dtype)
     return PassResult(True, {"kv_caches_inserted": step.num_layers})

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedModelError
+from ..interface import CACHE_POSITIONS, CACHE_VALID, TREE_MASK, WRITE_SLOTS
+from ..tree import tree_attention_mask
 from .manager import PassResult
 from .patterns import add_placeholders, attention_by_layer, placeholder, tagged, val
 
@@ -51,39 +53,13 @@ def attention_windows(config, num_layers: int) -> list[int | None]:
     return out
 
 
-def tree_attention_mask(
-    tree_mask: torch.Tensor,
-    cache_valid: torch.Tensor,
-    cache_positions: torch.Tensor,
-    write_slots: torch.Tensor,
-    positions: torch.Tensor,
-    window: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive attention mask ``[B, 1, N, L]`` of tree nodes over cache slots (0 visible, dtype-min hidden).
-
-    tree_mask: [B, N, N] bool; cache_valid: [B, L] bool; cache_positions: [B, L] int64; write_slots: [N] int64
-    (cache slots of the N nodes); positions: [B, N] int64 (tree position ids).
-    """
-    b, n, _ = tree_mask.shape
-    length = cache_valid.shape[1]
-    visible = cache_valid[:, None, :].expand(b, n, length)  # [B, N, L]: the committed prefix
-    visible = visible.index_copy(2, write_slots, tree_mask)  # tree columns: ancestors and self only
-    if window is not None:
-        key_positions = cache_positions.index_copy(1, write_slots, positions)  # [B, L]
-        visible = visible & ((positions[:, :, None] - key_positions[:, None, :]) < window)
-    zero = torch.zeros((), dtype=dtype, device=tree_mask.device)
-    hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=tree_mask.device)
-    return torch.where(visible, zero, hidden)[:, None]
-
-
 def insert_tree_mask(step) -> PassResult:
     gm = step.graph_module
     by_layer = attention_by_layer(gm, step.layers_path, step.num_layers)
     windows = attention_windows(step.config, step.num_layers)
     positions = tagged(gm, "tree_positions")
-    write_slots = placeholder(gm, "write_slots")
-    tree_mask, cache_valid, cache_positions = add_placeholders(gm, ["tree_mask", "cache_valid", "cache_positions"])
+    write_slots = placeholder(gm, WRITE_SLOTS)
+    tree_mask, cache_valid, cache_positions = add_placeholders(gm, [TREE_MASK, CACHE_VALID, CACHE_POSITIONS])
     first_attn = by_layer[min(by_layer)]
     dtype = val(first_attn.args[0]).dtype
     masks = {}
@@ -101,5 +77,5 @@ def insert_tree_mask(step) -> PassResult:
         attn.args = (q, k, v)
         attn.kwargs = {"attn_mask": masks[windows[layer]], "dropout_p": 0.0, "is_causal": False, **kwargs}
         attn.meta["jetspec"] = "tree_attention"
-    step.meta["windows"] = windows
+    step.windows = tuple(windows)
     return PassResult(True, {"attention_rewritten": len(by_layer), "masks_built": len(masks)})

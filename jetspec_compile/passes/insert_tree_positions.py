@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedModelError
+from ..interface import BASE_POSITION, DEPTH
 from .manager import PassResult
 from .patterns import add_placeholders, placeholder
 
@@ -27,7 +28,7 @@ def insert_tree_positions(step) -> PassResult:
             f"{type(step.model).__name__} ignores position_ids (its graph never reads them), so tree positions "
             "cannot be given to it"
         )
-    base_position, depth = add_placeholders(gm, ["base_position", "depth"])
+    base_position, depth = add_placeholders(gm, [BASE_POSITION, DEPTH])
     with gm.graph.inserting_after(depth):
         base = gm.graph.call_function(aten.unsqueeze.default, (base_position, -1))
     with gm.graph.inserting_after(base):

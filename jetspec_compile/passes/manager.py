@@ -16,7 +16,7 @@ from torch import fx
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PassResult", "PassManager"]
+__all__ = ["PassResult", "PassManager", "pass_name"]
 
 
 @dataclass
@@ -40,11 +40,16 @@ def lint_graph(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def pass_name(pass_fn: Callable) -> str:
+    """A pass's name: its function's, also for a ``functools.partial`` that binds a pass's options."""
+    return getattr(pass_fn, "__name__", None) or pass_fn.func.__name__
+
+
 class PassManager:
     """Run ``passes`` in order over a :class:`~jetspec_compile.capture.CapturedStep`.
 
     Args:
-        passes: the pipeline, in order.
+        passes: the pipeline, in order (functions ``step -> PassResult``, or partials binding their options).
         run_checks_after_each_pass: lint the graph after every pass (on in tests).
         dump: names of passes whose graph is logged (at INFO) before and after they run.
     """
@@ -59,14 +64,15 @@ class PassManager:
         self.passes = list(passes)
         self.run_checks_after_each_pass = run_checks_after_each_pass
         self.dump = set(dump)
-        unknown = self.dump - {p.__name__ for p in self.passes}
+        names = [pass_name(p) for p in self.passes]
+        unknown = self.dump - set(names)
         if unknown:
-            raise ValueError(f"cannot dump unknown passes {sorted(unknown)}; pipeline is {[p.__name__ for p in self.passes]}")
+            raise ValueError(f"cannot dump unknown passes {sorted(unknown)}; pipeline is {names}")
 
     def __call__(self, step) -> dict[str, PassResult]:
         results: dict[str, PassResult] = {}
         for pass_fn in self.passes:
-            name = pass_fn.__name__
+            name = pass_name(pass_fn)
             if name in self.dump:
                 logger.info("graph before %s:\n%s", name, step.graph_module.graph)
             start = time.perf_counter()

@@ -31,7 +31,7 @@ def default_tap_layers(num_layers: int, count: int = 5) -> tuple[int, ...]:
 
 def tap_hidden_states(step) -> PassResult:
     gm = step.graph_module
-    layers = step.meta.get("tap_layers") or default_tap_layers(step.num_layers)
+    layers = step.tap_layers or default_tap_layers(step.num_layers)
     bad = [i for i in layers if not 0 <= i < step.num_layers]
     if bad:
         raise ValueError(f"tap layers {bad} out of range for a model with {step.num_layers} layers")
@@ -51,5 +51,5 @@ def tap_hidden_states(step) -> PassResult:
         hidden = gm.graph.call_function(aten.cat.default, ([last[i] for i in layers], -1))
     hidden.meta["jetspec"] = "hidden_taps"
     out.args = (tuple(values[:1]) + (hidden,),)
-    step.meta["tap_layers"] = tuple(layers)
+    step.tap_layers = tuple(layers)
     return PassResult(True, {"layers_tapped": len(layers)})

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..kernels import tree_attention as _kernels  # noqa: F401  (registers torch.ops.jetspec.tree_attention)
-from .insert_tree_mask import tree_attention_mask
+from ..tree import tree_attention_mask
 from .manager import PassResult
 from .patterns import find_attention_nodes, val
 

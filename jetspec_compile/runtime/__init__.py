@@ -1,5 +1,5 @@
 """The speculative runtime: the tree verifier and the decoding loop."""
 
-from .verifier import TreeVerifier, build_verify_step
+from .verifier import TreeVerifier
 
-__all__ = ["TreeVerifier", "build_verify_step"]
+__all__ = ["TreeVerifier"]

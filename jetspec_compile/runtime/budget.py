@@ -10,7 +10,7 @@ is the first ``b`` nodes of the larger one, and the path it would have accepted 
 inside those nodes. ``t_b`` is measured whenever budget ``b`` runs (exponential moving averages). Every
 ``probe_every`` steps the next budget above the current best is probed (one step there also refreshes ``τ`` of
 every smaller budget), so the estimates follow the text; the controller climbs one budget at a time instead of
-paying for the largest tree on every probe (on a 2-core CPU a 32-node verify costs ~2.2 decoding steps). The
+paying for the largest tree on every probe (on a CPU a large tree's verify costs several decoding steps). The
 output is unaffected: every budget is lossless.
 """
 

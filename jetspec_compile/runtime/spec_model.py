@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..backends import LoweringOptions, lower, lower_drafter
 from ..capture import text_config
 from ..config import JetSpecConfig
 from ..drafter.ngram import NGramDrafter
@@ -59,13 +60,11 @@ class SpecModel:
     def verifier(self, batch_size: int) -> TreeVerifier:
         """The tree verifier for ``batch_size`` rows (captured and lowered on first use, then reused)."""
         if batch_size not in self._verifiers:
-            from ..backends import lower
-
             tap_layers = self.config.tap_layers or getattr(self.drafter, "tap_layers", None)
             self._verifiers[batch_size] = TreeVerifier(
                 self.model, max_cache_len=self.config.max_cache_len, batch_size=batch_size,
                 num_nodes=self.config.max_budget, tap_layers=tap_layers, self_check=self.config.self_check,
-                compile_fn=lower(self.config.backend, artifact_dir=self.config.artifact_dir),
+                compile_fn=lower(self.config.backend, LoweringOptions.from_config(self.config)),
                 extra_budgets=[b for b in self.config.budgets if b < self.config.max_budget])
         return self._verifiers[batch_size]
 
@@ -74,10 +73,8 @@ class SpecModel:
         ``onnxruntime``, a copy of a JetSpec drafter whose steps run an exported ONNX graph; exported on first
         use), else the drafter itself."""
         if self._runtime_drafter is None or self._runtime_drafter[0] is not self.drafter:  # drafter swapped
-            from ..backends import lower_drafter
-
-            lowering = lower_drafter(self.config.backend, artifact_dir=self.config.artifact_dir)
-            self._runtime_drafter = (self.drafter, lowering(self.drafter) if lowering is not None else self.drafter)
+            lowered = lower_drafter(self.config.backend, self.drafter, LoweringOptions.from_config(self.config))
+            self._runtime_drafter = (self.drafter, lowered)
         return self._runtime_drafter[1]
 
     @torch.no_grad()

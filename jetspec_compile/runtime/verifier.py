@@ -16,15 +16,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..capture import CapturedStep, capture_step, text_config
+from ..capture import text_config
+from ..compiler import build_verify_step
 from ..errors import UnsupportedModelError
 from ..kv_cache import StaticKVCache
-from ..passes import TREE_VERIFY_PIPELINE, PassManager
 from ..tree import TreeSpec, ancestor_mask, depths, pad_tree
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TreeVerifier", "build_verify_step"]
+__all__ = ["TreeVerifier"]
 
 #: cache views are cut to a multiple of this many slots (attention only reads what is in use)
 SLOT_BUCKET = 64
@@ -44,17 +44,6 @@ def _takes_logits_to_keep(cls) -> bool:
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """Standard strides even on size-1 dims (``contiguous()`` keeps a slice's odd stride there)."""
     return t if t.stride() == torch.empty(t.shape, device="meta").stride() else t.clone(memory_format=torch.contiguous_format)
-
-
-def build_verify_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16,
-                      tap_layers: Sequence[int] | None = None, run_checks: bool = False,
-                      dump: Sequence[str] = ()) -> tuple[CapturedStep, dict]:
-    """Capture ``model`` and run the tree-verify pipeline. Returns the step and each pass's result."""
-    step = capture_step(model, batch_size=batch_size, num_nodes=num_nodes)
-    if tap_layers is not None:
-        step.meta["tap_layers"] = tuple(tap_layers)
-    manager = PassManager(TREE_VERIFY_PIPELINE, run_checks_after_each_pass=run_checks, dump=dump)
-    return step, manager(step)
 
 
 class TreeVerifier:
@@ -100,15 +89,16 @@ class TreeVerifier:
         self._graphs = {num_nodes: self.graph}
         self._compile_fn, self._run_checks = compile_fn, run_checks
         self.prefill_chunk = max(num_nodes, min(prefill_chunk, max_cache_len - 1))
-        self.tap_layers = self.step.meta["tap_layers"]
-        kv = self.step.meta["kv"]
+        self.interface = self.step.interface
+        self.tap_layers = self.interface.tap_layers
+        kv = self.interface.kv
         self.device = next(model.parameters()).device
-        self.cache = StaticKVCache(kv["num_layers"], batch_size, kv["heads"], kv["head_dim"], max_cache_len,
-                                   kv["dtype"], self.device)
+        self.cache = StaticKVCache(kv.num_layers, batch_size, kv.heads, kv.head_dim, max_cache_len, kv.dtype,
+                                   self.device)
         self.base_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._pending: list[TreeSpec] | None = None
         # None: not yet compared with the graph's prefill (done on the first prefill); then True / False
-        self._model_prefill = None if model_prefill and max(self.tap_layers) < kv["num_layers"] - 1 else False
+        self._model_prefill = None if model_prefill and max(self.tap_layers) < kv.num_layers - 1 else False
         if self_check:
             self._self_check()
 
@@ -162,19 +152,10 @@ class TreeVerifier:
         length = min(self.cache.max_length, -(-(start + n) // SLOT_BUCKET) * SLOT_BUCKET)
         valid = self.cache.valid[:, :length].clone()
         valid[:, start:] = False
-        caches = self.cache.views(length)
-        inputs = {  # contiguous: compiled backends guard on strides
-            "input_ids": _dense(tokens),
-            "base_position": self.base_position,
-            "depth": _dense(depth),
-            "write_slots": torch.arange(start, start + n, device=self.device),
-            "tree_mask": _dense(tree_mask),
-            "cache_valid": valid,
-            "cache_positions": self.cache.positions[:, :length],
-        }
-        for layer in range(len(caches) // 2):
-            inputs[f"k_cache_{layer}"] = caches[2 * layer]
-            inputs[f"v_cache_{layer}"] = caches[2 * layer + 1]
+        inputs = self.interface.feed(  # contiguous: compiled backends guard on strides
+            input_ids=_dense(tokens), base_position=self.base_position, depth=_dense(depth),
+            write_slots=torch.arange(start, start + n, device=self.device), tree_mask=_dense(tree_mask),
+            cache_valid=valid, cache_positions=self.cache.positions[:, :length], caches=self.cache.views(length))
         with torch.no_grad():
             logits, hidden = graph(**inputs)
         return logits, hidden  # [B, N, V], [B, N, K*H]

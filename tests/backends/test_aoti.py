@@ -5,6 +5,7 @@ import torch
 
 import jetspec_compile as js
 from jetspec_compile.backends import aoti
+from jetspec_compile.counters import counters
 from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
 from tests.families import VOCAB, make_model
 
@@ -20,11 +21,11 @@ def test_aoti_packages_are_lossless_and_reload_without_compiling(tmp_path, monke
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
     options = dict(backend="aoti", artifact_dir=str(tmp_path), budget=12, max_cache_len=128, fallback=False,
                    self_check=False, drafter=drafter)  # one verify graph: the prompt fits one verify call
-    aoti.STATS.update(compiled=0, loaded=0)
+    counters["aoti"].clear()
     spec = js.optimize(model, **options)
     assert torch.equal(spec.generate(ids, max_new_tokens=40), expected)
     assert isinstance(spec.runtime_drafter().step_fn, aoti.AotiDraftStep)
-    assert aoti.STATS == {"compiled": 2, "loaded": 2}
+    assert counters["aoti"] == {"compiled": 2, "loaded": 2}
     packages = sorted(p.name for p in tmp_path.iterdir())
     assert [p.split("_")[0] for p in packages] == ["draft", "draft", "verify", "verify"]
 
@@ -33,7 +34,7 @@ def test_aoti_packages_are_lossless_and_reload_without_compiling(tmp_path, monke
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
     assert torch.equal(js.optimize(model, **options).generate(ids, max_new_tokens=40), expected)
-    assert aoti.STATS == {"compiled": 2, "loaded": 4}
+    assert counters["aoti"] == {"compiled": 2, "loaded": 4}
     # a model with other weights must not pick up this package: its fingerprint differs, so it would compile
     other = make_model("llama", seed=1)
     assert aoti.model_fingerprint(other) != aoti.model_fingerprint(model)

@@ -6,8 +6,9 @@ from torch._dynamo.utils import counters
 
 import jetspec_compile as js
 from jetspec_compile.backends import inductor
+from jetspec_compile.counters import counters as JETSPEC
 from jetspec_compile.drafter import NGramDrafter
-from jetspec_compile.passes.prepack_linear_weights import available_kernels
+from jetspec_compile.kernels.cpu_linear import available_kernels
 from tests.families import VOCAB, make_model
 
 
@@ -16,7 +17,7 @@ def greedy_matches(family, new_tokens, budget=8):
     model.generation_config.eos_token_id = None
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    inductor.STATS.update(compiles=0, frozen_compiles=0, tree_attention_ops=0, onednn_linears=0)
+    JETSPEC["inductor"].clear()
     compiled = js.optimize(model, backend="inductor", budget=budget, max_cache_len=new_tokens + 64,
                            drafter=NGramDrafter(), fallback=False)
     out = compiled.generate(ids, max_new_tokens=new_tokens)
@@ -35,10 +36,10 @@ def test_inductor_is_lossless_and_compiles_a_bounded_number_of_times(monkeypatch
     # two graphs (prefill chunk, verify); the cache view grows in buckets over 200 tokens, but its length is
     # marked dynamic on the first call: one compile per graph (freezing on, as on every CPU model)
     assert graphs == 2
-    assert inductor.STATS["compiles"] == graphs
-    assert inductor.STATS["tree_attention_ops"] == model.config.num_hidden_layers
+    assert JETSPEC["inductor"]["compiles"] == graphs
+    assert JETSPEC["inductor"]["tree_attention_ops"] == model.config.num_hidden_layers
     if "onednn" in available_kernels():  # every linear of both graphs moved off MKL: 7 per layer + the LM head
-        assert inductor.STATS["onednn_linears"] == graphs * (7 * model.config.num_hidden_layers + 1)
+        assert JETSPEC["inductor"]["onednn_linears"] == graphs * (7 * model.config.num_hidden_layers + 1)
 
 
 @pytest.mark.slow
@@ -53,14 +54,14 @@ def test_cpu_lowering_freezes_weights_and_optimize_again_takes_new_weights(monke
     monkeypatch.setenv("JETSPEC_CPU_LINEAR", "mkl")
     model = make_model("llama")
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
-    inductor.STATS.update(compiles=0, frozen_compiles=0, onednn_linears=0)
+    JETSPEC["inductor"].clear()
     counters.clear()
     first = js.optimize(model, backend="inductor", budget=4, max_cache_len=64, drafter=NGramDrafter(), fallback=False)
     before = first.generate(ids, max_new_tokens=8)
-    assert inductor.STATS["frozen_compiles"] == inductor.STATS["compiles"] >= 1
+    assert JETSPEC["inductor"]["frozen_compiles"] == JETSPEC["inductor"]["compiles"] >= 1
     # freezing took effect: Inductor packed the linears' weights (Dynamo must trace with it on, not only Inductor)
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] >= model.config.num_hidden_layers * 7
-    assert inductor.STATS["onednn_linears"] == 0  # JETSPEC_CPU_LINEAR=mkl: Inductor's MKL packing is left alone
+    assert JETSPEC["inductor"]["onednn_linears"] == 0  # JETSPEC_CPU_LINEAR=mkl: Inductor's MKL packing is left alone
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.roll(model.lm_head.weight, 1, dims=0))  # another argmax everywhere
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
@@ -88,7 +89,7 @@ def test_inductor_with_the_tree_attention_op_is_lossless():
     model.generation_config.eos_token_id = None
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(3))
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
-    inductor.STATS.update(compiles=0, tree_attention_ops=0)
+    JETSPEC["inductor"].clear()
     with config.patch(fx_graph_cache=False):
         v = js.TreeVerifier(model, max_cache_len=96, num_nodes=8, self_check=False, prefill_chunk=8,
                             compile_fn=partial(inductor.lower_inductor, kernels=True))
@@ -96,4 +97,4 @@ def test_inductor_with_the_tree_attention_op_is_lossless():
         spec._verifiers[1] = v
         assert torch.equal(spec.generate(ids, max_new_tokens=30), expected)
     assert "jetspec.tree_attention" in v.step.graph_module.code and "tree_attention_mask" not in v.step.graph_module.code
-    assert inductor.STATS["tree_attention_ops"] == model.config.num_hidden_layers
+    assert JETSPEC["inductor"]["tree_attention_ops"] == model.config.num_hidden_layers

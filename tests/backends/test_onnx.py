@@ -8,10 +8,11 @@ import torch
 
 import jetspec_compile as js
 from jetspec_compile.backends import onnx as onnx_backend
-from jetspec_compile.backends.onnx import (TENSORRT_ONNX_OPS, OrtDraftStep, _draft_inputs, export_drafter_onnx,
-                                           export_onnx, lower_onnxruntime, onnx_op_types)
+from jetspec_compile.backends.onnx import TENSORRT_ONNX_OPS, export_onnx, lower_onnxruntime, onnx_op_types
+from jetspec_compile.backends.onnx_drafter import OrtDraftStep, export_drafter_onnx
 from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
 from jetspec_compile.drafter.step import DraftStep
+from jetspec_compile.drafter.step import draft_inputs as _draft_inputs
 from tests.families import VOCAB, make_model
 from tests.reference import random_tree
 

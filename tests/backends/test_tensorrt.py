@@ -18,6 +18,7 @@ def test_without_tensorrt_export_writes_onnx_and_names_what_is_missing(tmp_path)
     assert (tmp_path / "verify.onnx").exists() and not (tmp_path / "verify.engine").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not AVAILABLE, reason=f"TensorRT engine build not possible here: {WHY}")
 def test_tensorrt_generation_is_lossless(tmp_path):
     model = make_model("llama").cuda()

@@ -51,7 +51,7 @@ def test_context_the_drafter_sees_is_the_targets_hidden_states():
 
 
 def test_training_features_equal_runtime_taps():
-    from jetspec_compile.drafter.train import compute_features
+    from jetspec_compile.training.train import compute_features
 
     target = make_model("llama")
     ids = torch.randint(3, VOCAB, (30,)).tolist()
@@ -83,7 +83,7 @@ def test_path_conditioned_drafting_is_lossless_and_reshapes_the_tree():
 
 def test_fast_training_features_equal_runtime_taps():
     """Taps before the last layer come from one plain HF forward; they must equal what the verify graph taps."""
-    from jetspec_compile.drafter.train import compute_features
+    from jetspec_compile.training.train import compute_features
 
     target = make_model("qwen3")
     ids = torch.randint(3, VOCAB, (40,)).tolist()

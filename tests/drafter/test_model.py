@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
-from jetspec_compile.drafter.train import block_mask
+from jetspec_compile.training.train import block_mask
 from tests.families import VOCAB, make_model
 
 

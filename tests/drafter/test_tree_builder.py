@@ -1,4 +1,3 @@
-import heapq
 import itertools
 
 import pytest
@@ -115,7 +114,6 @@ def test_lookup_nodes_draft_repeated_context_and_stay_lossless():
     import jetspec_compile as js
     from jetspec_compile.drafter import JetSpecDrafter
     from tests.drafter.test_model import tiny_drafter
-    from tests.families import VOCAB
 
     target, net = tiny_drafter()
     runtime = JetSpecDrafter(net, width=2, lookup_nodes=4)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
+from jetspec_compile.compiler import build_verify_step
 from jetspec_compile.errors import UnsupportedModelError
 from jetspec_compile.kernels import ancestor_bits, slot_nodes, tree_attention_reference, tree_attention_triton
-from jetspec_compile.passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager, tree_attention_mask
-from jetspec_compile.runtime.verifier import build_verify_step
-from jetspec_compile.tree import TreeSpec, ancestor_mask, depths
+from jetspec_compile.passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager
+from jetspec_compile.tree import TreeSpec, ancestor_mask, depths, tree_attention_mask
 from tests.families import VOCAB, make_model
 from tests.reference import random_tree
 
@@ -163,7 +163,7 @@ def _verify_inputs(step, start=30, length=64):
     """One tree of 12 nodes after a committed prefix of ``start`` slots, with random cache contents."""
     gen = torch.Generator().manual_seed(0)
     tree = random_tree("deep", 12, random.Random(0))
-    kv = step.meta["kv"]
+    kv = step.kv
     inputs = {
         "input_ids": torch.randint(3, VOCAB, (1, 12), generator=gen),
         "base_position": torch.tensor([start]),
@@ -173,9 +173,8 @@ def _verify_inputs(step, start=30, length=64):
         "cache_valid": torch.arange(length)[None] < start,
         "cache_positions": torch.arange(length)[None],
     }
-    for layer in range(kv["num_layers"]):
-        for name in ("k_cache", "v_cache"):
-            inputs[f"{name}_{layer}"] = torch.randn(1, kv["heads"], length, kv["head_dim"], generator=gen)
+    for name in kv.cache_names():
+        inputs[name] = torch.randn(1, kv.heads, length, kv.head_dim, generator=gen)
     return inputs
 
 

@@ -16,7 +16,7 @@ def test_cache_written_per_layer_with_kv_heads():
     gm.recompile()
     assert result.stats["kv_caches_inserted"] == 3
     FileCheck().check_count("aten.index_copy_", 6, exactly=True).run(gm.code)
-    assert step.meta["kv"]["heads"] == 2 and step.meta["kv"]["head_dim"] == 16
+    assert step.kv.heads == 2 and step.kv.head_dim == 16
     # With L == N and an empty cache the model's own causal mask still applies: logits are unchanged.
     caches = {f"{kv}_cache_{i}": torch.zeros(1, 2, 6, 16) for i in range(3) for kv in "kv"}
     ids = torch.randint(0, VOCAB, (1, 6))

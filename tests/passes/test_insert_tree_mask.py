@@ -3,10 +3,10 @@ import torch
 from torch.testing import FileCheck
 
 from jetspec_compile import UnsupportedModelError
-from jetspec_compile.passes import attention_windows, tree_attention_mask
+from jetspec_compile.compiler import build_verify_step
+from jetspec_compile.passes import attention_windows
 from jetspec_compile.passes.patterns import find_attention_nodes
-from jetspec_compile.runtime import build_verify_step
-from jetspec_compile.tree import TreeSpec, ancestor_mask, depths
+from jetspec_compile.tree import TreeSpec, ancestor_mask, depths, tree_attention_mask
 from tests.families import make_model
 
 

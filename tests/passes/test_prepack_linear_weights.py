@@ -6,13 +6,13 @@ import torch
 
 from jetspec_compile import TreeVerifier
 from jetspec_compile.backends import lower_eager
+from jetspec_compile.compiler import build_verify_step
 from jetspec_compile.passes import prepack_linear_weights, prepack_supported
-from jetspec_compile.passes.prepack_linear_weights import MAX_ROWS, MIN_ROWS, available_kernels, choose_kernel
-from jetspec_compile.runtime.verifier import build_verify_step
+from jetspec_compile.kernels.cpu_linear import MAX_ROWS, MIN_ROWS, available_kernels, choose_kernel
 from tests.families import VOCAB, make_model
 from tests.reference import assert_same_tree_verify
 
-module = importlib.import_module("jetspec_compile.passes.prepack_linear_weights")  # the package exports the function
+module = importlib.import_module("jetspec_compile.kernels.cpu_linear")
 pytestmark = pytest.mark.skipif(not prepack_supported(), reason="this PyTorch build has neither MKL nor oneDNN")
 
 OPS = {"mkl": torch.ops.mkl._mkl_linear.default, "onednn": torch.ops.mkldnn._linear_pointwise.default}
@@ -97,7 +97,7 @@ def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch, ke
     numbers as the plain step, the drafter's own modules untouched and no parameter copied."""
     from jetspec_compile.drafter import DrafterConfig, ParallelDrafter
     from jetspec_compile.drafter.step import DraftStep
-    from jetspec_compile.passes.prepack_linear_weights import PackedLinear
+    from jetspec_compile.kernels.cpu_linear import PackedLinear
 
     target = make_model("llama")
     cfg = DrafterConfig.for_target(target.config, (0, 1), num_layers=2, block_size=4)

@@ -16,7 +16,7 @@ def test_default_layers_follow_jetspec():
 def test_taps_equal_hf_hidden_states(family):
     model = make_model(family)
     step = capture_step(model, num_nodes=5)
-    step.meta["tap_layers"] = (0, 1)
+    step.tap_layers = (0, 1)
     tap_hidden_states(step)
     step.graph_module.recompile()
     ids = torch.randint(0, VOCAB, (1, 5))
@@ -28,6 +28,6 @@ def test_taps_equal_hf_hidden_states(family):
 
 def test_out_of_range_layer_is_refused():
     step = capture_step(make_model("llama"), num_nodes=2)
-    step.meta["tap_layers"] = (5,)
+    step.tap_layers = (5,)
     with pytest.raises(ValueError, match="out of range"):
         tap_hidden_states(step)

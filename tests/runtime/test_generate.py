@@ -8,8 +8,8 @@ import torch
 import jetspec_compile as js
 from jetspec_compile.drafter import NGramDrafter
 from tests.drafters import OracleDrafter
-from tests.reference import left_pad
 from tests.families import FAMILIES, VOCAB, make_model
+from tests.reference import left_pad
 
 NEW = 24
 

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from jetspec_compile.drafter import DrafterConfig, load_drafter
-from jetspec_compile.drafter.train import (TrainConfig, block_mask, compute_features, evaluate, grow_layers,
-                                            model_fingerprint, train_drafter)
+from jetspec_compile.training.train import (
+    TrainConfig,
+    block_mask,
+    compute_features,
+    evaluate,
+    grow_layers,
+    model_fingerprint,
+    train_drafter,
+)
 from tests.families import VOCAB, make_model
 
 TAPS = (0, 2)
@@ -49,7 +56,7 @@ def test_same_seed_same_weights_and_resume_equals_one_run(setup, tmp_path, monke
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     # a run killed after step 7 (last checkpoint at step 6) and resumed ends with the same weights
-    import jetspec_compile.drafter.train as train_mod
+    import jetspec_compile.training.train as train_mod
 
     calls = {"n": 0}
     real_clip = torch.nn.utils.clip_grad_norm_

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from jetspec_compile.drafter.data import read_sequences, regenerate
+from jetspec_compile.training.data import read_sequences, regenerate
 from tests.families import VOCAB, make_model
 
 

@@ -1,0 +1,186 @@
+"""Packed fp32 GEMMs for CPU linears with few rows (MKL or oneDNN), chosen per weight shape.
+
+A tree-verify or drafter step multiplies a handful of rows (``B*N``, typically 4..32) by every weight. On CPU a
+plain ``aten.linear`` with so few rows goes through a GEMM that re-packs the weight on every call, which costs
+about as much as reading it. Packing each weight once per row count and calling the packed kernel avoids that.
+Two packed kernels exist, and which is faster depends on the CPU:
+
+* ``"mkl"``: ``torch.ops.mkl._mkl_linear`` from ``mkl._mkl_reorder_linear_weight`` (what Inductor picks for fp32);
+* ``"onednn"``: ``torch.ops.mkldnn._linear_pointwise`` from ``mkldnn._reorder_linear_weight``.
+
+MKL's small-row GEMMs are fast on Intel CPUs and slow on others (figures in ``docs/results.md``). The setting
+``"auto"`` (default) times both once per weight shape and row count in the process and takes the faster;
+``"mkl"`` / ``"onednn"`` force one. The setting comes from :class:`~jetspec_compile.config.JetSpecConfig`'s
+``cpu_linear`` (the ``JETSPEC_CPU_LINEAR`` environment variable is its default), read when a graph is lowered or
+a module wrapped, never per call. Both kernels compute in fp32; only the summation order differs.
+
+Memory: one packed copy per weight and row count, shared by every graph and module of that count and dropped
+with the weight; a weight changed in place is packed again. A single row (plain decoding) is left to the GEMV.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import statistics
+import time
+import weakref
+
+import torch
+from torch import nn
+
+from ..config import CPU_LINEARS
+
+__all__ = ["MIN_ROWS", "MAX_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting", "choose_kernel",
+           "pack_weight", "run_packed", "packed_weight", "packed_linear", "prepack_supported", "PackedLinear",
+           "with_packed_linears", "TIMINGS"]
+
+#: row counts (batch x tree nodes) whose linears are packed: one row is a GEMV (no packing to save), and above
+#: MAX_ROWS the GEMM's own packing is amortised (the 64-token prefill chunk runs once per prompt)
+MIN_ROWS, MAX_ROWS = 2, 32
+
+#: the packed-kernel settings: a kernel for every linear, or "auto" (the faster per shape, measured)
+CPU_LINEAR_KERNELS = CPU_LINEARS
+
+
+@functools.cache  # a property of the build; packed_linear asks on every drafter linear call
+def available_kernels() -> tuple[str, ...]:
+    """The packed fp32 GEMM kernels this PyTorch build has (MKL on x86 builds, oneDNN on most)."""
+    kernels = []
+    if getattr(torch._C, "has_mkl", False) and hasattr(torch.ops.mkl, "_mkl_linear"):
+        kernels.append("mkl")
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        kernels.append("onednn")
+    return tuple(kernels)
+
+
+def prepack_supported() -> bool:
+    """Whether this PyTorch build can run packed linears (MKL or oneDNN built in)."""
+    return bool(available_kernels())
+
+
+def kernel_setting(kernel: str | None) -> str:
+    """``kernel`` if given, else ``JETSPEC_CPU_LINEAR``, else ``"auto"``; a clear error for anything else."""
+    kernel = kernel or os.environ.get("JETSPEC_CPU_LINEAR") or "auto"
+    if kernel not in CPU_LINEAR_KERNELS:
+        raise ValueError(f"cpu linear kernel (argument or JETSPEC_CPU_LINEAR) must be one of {CPU_LINEAR_KERNELS}, "
+                         f"got {kernel!r}")
+    return kernel
+
+
+#: (out features, in features, rows) -> {kernel: median seconds}, measured once per process
+TIMINGS: dict[tuple[int, int, int], dict[str, float]] = {}
+
+
+def _time_kernels(out_features: int, in_features: int, rows: int, reps: int = 10) -> dict[str, float]:
+    key = (out_features, in_features, rows)
+    if key not in TIMINGS:
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(out_features, in_features, generator=gen)
+        x = torch.randn(rows, in_features, generator=gen)
+        packed = {k: pack_weight(k, weight, rows) for k in available_kernels()}
+        times: dict[str, list[float]] = {k: [] for k in packed}
+        with torch.no_grad():
+            for rep in range(reps + 2):
+                for k, w in packed.items():  # interleaved, so drift hits both alike
+                    start = time.perf_counter()
+                    run_packed(k, x, w, weight, None, rows)
+                    if rep >= 2:  # the first calls warm caches and oneDNN's primitive cache
+                        times[k].append(time.perf_counter() - start)
+        TIMINGS[key] = {k: statistics.median(t) for k, t in times.items()}
+    return TIMINGS[key]
+
+
+def choose_kernel(out_features: int, in_features: int, rows: int, kernel: str | None = None) -> str:
+    """The packed kernel (``"mkl"`` or ``"onednn"``) for an fp32 ``[rows, in] @ [in, out]`` product.
+
+    ``kernel``: ``"mkl"``, ``"onednn"`` or ``"auto"`` (default: ``JETSPEC_CPU_LINEAR``, else ``"auto"``): time both
+    kernels on this shape once in this process and take the faster.
+    """
+    kernel = kernel_setting(kernel)
+    available = available_kernels()
+    if not available:
+        raise RuntimeError("this PyTorch build has neither MKL nor oneDNN: no packed linears")
+    if kernel != "auto":
+        if kernel not in available:
+            raise RuntimeError(f"cpu linear kernel {kernel!r} is not in this PyTorch build (it has {available}); "
+                               "set JETSPEC_CPU_LINEAR=auto")
+        return kernel
+    if len(available) == 1:
+        return available[0]
+    times = _time_kernels(out_features, in_features, rows)
+    return min(times, key=times.get)
+
+
+def pack_weight(kernel: str, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` ``[out, in]`` packed for ``kernel``'s ``rows``-row GEMM (an opaque tensor)."""
+    if kernel == "mkl":
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def run_packed(kernel: str, x, packed, weight, bias, rows: int):
+    """``F.linear(x, weight, bias)`` through ``kernel`` from ``packed = pack_weight(kernel, weight, rows)``."""
+    if kernel == "mkl":
+        return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+#: id(weight) -> (weak reference, its version counter, {row count: (setting, kernel, packed)}) — shared by every
+#: graph of a model, dropped with the weight (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
+_PACKED: dict[int, tuple[weakref.ref, int, dict[int, tuple[str, str, torch.Tensor]]]] = {}
+
+
+def packed_weight(weight: torch.Tensor, rows: int, setting: str = "auto") -> tuple[str, torch.Tensor]:
+    """The kernel for ``weight`` at ``rows`` rows under ``setting`` and ``weight`` packed for it, shared by every
+    graph and module of that row count (packed again after an in-place change of ``weight``)."""
+    ref, version, by_rows = _PACKED.get(id(weight), (None, None, {}))
+    known = ref is not None and ref() is weight  # an id can be reused by a later tensor
+    if not known:
+        weakref.finalize(weight, _PACKED.pop, id(weight), None)
+    if not known or version != weight._version:  # new, or changed in place since it was packed
+        by_rows = {}
+        _PACKED[id(weight)] = (weakref.ref(weight), weight._version, by_rows)
+    if by_rows.get(rows, (None,))[0] != setting:  # new row count, or another setting since
+        kernel = choose_kernel(weight.shape[0], weight.shape[1], rows, setting)
+        with torch.no_grad():
+            by_rows[rows] = setting, kernel, pack_weight(kernel, weight.detach(), rows)
+    return by_rows[rows][1:]
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  setting: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, from ``weight`` packed for this row count where that pays (fp32 on CPU,
+    ``MIN_ROWS <= rows <= MAX_ROWS``, no autograd, MKL or oneDNN built in); plain ``F.linear`` otherwise."""
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and prepack_supported()):
+        kernel, packed = packed_weight(weight, rows, setting)
+        out = run_packed(kernel, x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear``'s parameters (shared, not copied) run through :func:`packed_linear` with ``setting``."""
+
+    def __init__(self, linear: nn.Linear, setting: str = "auto"):
+        super().__init__()
+        self.weight, self.bias, self.setting = linear.weight, linear.bias, setting
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight, self.bias, self.setting)
+
+
+def with_packed_linears(module: nn.Module, kernel: str | None = None) -> nn.Module:
+    """A structural copy of ``module`` that shares every parameter and buffer, with each ``nn.Linear`` replaced
+    by a :class:`PackedLinear` (for eager inference on CPU; ``module`` itself is left as it is). ``kernel``: the
+    setting (see :func:`kernel_setting`), read once here."""
+    setting = kernel_setting(kernel)
+    if isinstance(module, nn.Linear):
+        return PackedLinear(module, setting)
+    clone = copy.copy(module)  # shallow: the parameter and buffer dicts are the same objects
+    clone._modules = {name: None if child is None else with_packed_linears(child, setting)
+                      for name, child in module._modules.items()}
+    return clone

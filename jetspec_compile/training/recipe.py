@@ -1,0 +1,112 @@
+"""The drafter training recipe: prompts → self-distilled responses → target features → trained drafter + corpus.
+
+:class:`Recipe` holds every choice of ``jetspec-compile train-drafter`` with its default (the CLI reads its
+defaults from here, so the command and the library train the same drafter); :func:`train_from_prompts` runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..drafter import CorpusIndex, ParallelDrafter, save_drafter
+from ..drafter.model import DrafterConfig
+from ..drafter.vocab import frequent_tokens
+from ..passes import default_tap_layers
+from ..paths import cache_dir
+from ..prompts import load_jsonl, load_prompts
+from .data import read_sequences, regenerate
+from .train import TrainConfig, compute_features, evaluate, train_drafter
+
+__all__ = ["Recipe", "train_from_prompts", "draft_vocab_of"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything ``train-drafter`` decides. Unknown names raise (a frozen dataclass).
+
+    Attributes:
+        prompts: prompt sets (``humaneval``, ``gsm``, ``codeio``, ``pyfunc``, …; their train splits) and/or
+            ``.jsonl`` files; ``limit`` prompts per set.
+        data: the self-distillation JSONL (resumable; default: per model under the cache folder).
+        response_tokens, gen_batch: length of each regenerated response, prompts per ``generate`` batch.
+        samples, sample_sets, sample_temperature: also draw ``samples`` sampled responses per prompt of those
+            sets (all when None) at that temperature: more of the target's own text where a set is small.
+        layers, block_size, tap_layers: the drafter's shape (taps default to 5 spread layers).
+        train: the optimisation (:class:`~jetspec_compile.training.train.TrainConfig`).
+        feature_cache: folder of cached target features (None: ``<cache>/features``); ``use_feature_cache``.
+        draft_vocab: draft over the N most frequent response tokens (0: the whole vocabulary).
+        init_from: continue from (and with more ``layers``, grow) this drafter checkpoint.
+        resume: continue a training state found in the output folder.
+    """
+
+    prompts: tuple[str, ...] = ("humaneval", "pyfunc", "gsm", "codeio")
+    limit: int = 300
+    data: str | None = None
+    response_tokens: int = 160
+    gen_batch: int = 16
+    samples: int = 0
+    sample_sets: tuple[str, ...] | None = None
+    sample_temperature: float = 0.7
+    layers: int = 2
+    block_size: int = 8
+    tap_layers: tuple[int, ...] | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    feature_cache: str | None = None
+    use_feature_cache: bool = True
+    draft_vocab: int = 4096
+    init_from: str | None = None
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sample_sets or ()) - set(self.prompts)
+        if unknown:
+            raise ValueError(f"sample_sets {sorted(unknown)} are not among prompts {list(self.prompts)}; name sets "
+                             "that are also in prompts")
+        if not self.prompts:
+            raise ValueError("no training prompts: name prompt sets (humaneval pyfunc gsm codeio) or .jsonl files")
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def draft_vocab_of(records: list[dict], size: int, tokenizer=None) -> list[int]:
+    """The ``size`` most frequent tokens of the target's responses (and its EOS, always)."""
+    eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+    return frequent_tokens(records, size, always=eos)
+
+
+def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, data_path: str | Path,
+                       progress: bool = True) -> tuple[ParallelDrafter, CorpusIndex]:
+    """Run ``recipe`` on ``model``: regenerate responses into ``data_path`` (resumable), compute features, train,
+    and save ``out/drafter`` with its corpus. Returns the drafter and the corpus."""
+    out = Path(out)
+    prompts = []
+    for name in recipe.prompts:
+        items = load_jsonl(name, recipe.limit) if name.endswith(".jsonl") else load_prompts(name, "train", recipe.limit)
+        prompts += [(name, p) for p in items]
+    if not prompts:
+        raise ValueError(f"the prompt sets {list(recipe.prompts)} gave no training prompts")
+    regenerate(model, tokenizer, prompts, data_path, max_new_tokens=recipe.response_tokens,
+               batch_size=recipe.gen_batch)
+    if recipe.samples:
+        sampled = [(name, p) for name, p in prompts if recipe.sample_sets is None or name in recipe.sample_sets]
+        regenerate(model, tokenizer, sampled, data_path, max_new_tokens=recipe.response_tokens,
+                   batch_size=recipe.gen_batch, samples=recipe.samples, temperature=recipe.sample_temperature,
+                   seed=recipe.train.seed)
+    records = read_sequences(data_path)
+    taps = recipe.tap_layers or default_tap_layers(model.config.num_hidden_layers)
+    features_dir = Path(recipe.feature_cache or cache_dir() / "features") if recipe.use_feature_cache else None
+    feats = compute_features(model, records, taps, cache_dir=features_dir, progress=progress)
+    n_eval = max(1, len(feats) // 20)
+    dcfg = DrafterConfig.for_target(model.config, taps, num_layers=recipe.layers, block_size=recipe.block_size)
+    vocab = draft_vocab_of(records, recipe.draft_vocab, tokenizer) if recipe.draft_vocab else None
+    drafter = train_drafter(model, feats[n_eval:], dcfg, recipe.train, out, resume=recipe.resume,
+                            eval_features=feats[:n_eval], init_checkpoint=recipe.init_from, draft_vocab=vocab,
+                            progress=progress)
+    if progress:
+        print(f"held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
+    corpus = CorpusIndex.from_records(records)
+    save_drafter(drafter, out / "drafter", corpus=corpus)
+    return drafter, corpus
