@@ -5,7 +5,7 @@ tapped hidden states, so the target is never run again for the drafter). Each ``
 (:class:`~jetspec_compile.drafter.step.DraftStep`: the keys/values of the tokens committed since the last
 step, then a forward over ``[root, MASK × D]``) and a best-first tree over its per-depth distributions. The
 step is one callable, ``step_fn``: the PyTorch module by default, or the same step exported to another runtime
-(``jetspec_compile.backends.onnx.OrtDraftStep``), which ``optimize(..., backend="onnxruntime")`` plugs in. With
+(``jetspec_compile.backends.onnx_drafter.OrtDraftStep``), which ``optimize(..., backend="onnxruntime")`` plugs in. With
 ``path_branches=k`` a second forward re-drafts depths 2.. for the k best depth-1 tokens, each block
 ``[root, token, MASK × (D-1)]`` (all k in one batch), so those subtrees follow their own path instead of the
 shared per-depth marginals (needs a drafter trained with ``reveal_prob > 0``). A drafter with a draft vocabulary
@@ -26,12 +26,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..tree import TreeSpec
 from .corpus import CorpusIndex
 from .model import ParallelDrafter
 from .ngram import NGramDrafter
 from .protocol import DraftTree
+from .sources import CorpusSource
 from .step import DraftStep
-from .tree_builder import best_first_tree, graft, merge_scored
+from .tree_builder import best_first_tree, graft
+from .trie import Trie
 
 __all__ = ["JetSpecDrafter"]
 
@@ -50,8 +53,7 @@ class JetSpecDrafter:
         step_fn: what runs a drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`
             (default: that module itself, ``self.step``, with MKL-packed linears where they pay).
         lookup_nodes: nodes of each tree that prompt-lookup continuations may take (0 = off; default None:
-            three quarters of the budget. 6 nodes raised τ at budget 8 from 2.07 / 2.21 to 2.54 / 3.06 on held-out
-            HumanEval / GSM; at budget 16, 12 nodes beat 6 and 16, bench_tau.py).
+            three quarters of the budget, at most 24; how that was chosen: ``docs/experiments.md``).
         corpus: a :class:`~jetspec_compile.drafter.corpus.CorpusIndex` of the target's own responses; its
             continuations of the context are merged into the drafter's tree by score (None = off).
         corpus_depth: how deep the corpus's continuations may reach (they are not bound to the block depth).
@@ -67,7 +69,8 @@ class JetSpecDrafter:
         if lookup_nodes is not None and lookup_nodes < 0:
             raise ValueError(f"lookup_nodes must be >= 0 (or None: three quarters of the budget), got {lookup_nodes}")
         self.lookup_nodes = lookup_nodes
-        self.corpus, self.corpus_depth = corpus, corpus_depth
+        self.corpus = corpus
+        self.corpus_source = CorpusSource(corpus, corpus_depth) if corpus is not None else None
         self.lookup = NGramDrafter(max_ngram=3, min_ngram=2, continuation=lookup_nodes or MAX_LOOKUP_NODES,
                                    max_matches=2) if lookup_nodes != 0 else None
         self.model = model.eval()
@@ -85,14 +88,14 @@ class JetSpecDrafter:
         self._past: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per row, per layer (k, v) [1, H_kv, T, D]
         self._pending: list[list[torch.Tensor]] = []  # per row, tapped states [t, K*H] not yet in _past
         self._length: list[int] = []  # per row, committed tokens (in _past or pending)
-        self._tail: list[list[int]] = []  # per row, the last committed token ids a corpus lookup reads
 
     def with_step(self, step_fn: Callable) -> "JetSpecDrafter":
         """A copy (same network and options, fresh state) whose steps run through ``step_fn``."""
         clone = copy.copy(self)
         clone.step_fn = step_fn
-        clone._past, clone._pending, clone._length, clone._tail = [], [], [], []
+        clone._past, clone._pending, clone._length = [], [], []
         clone.lookup = copy.deepcopy(self.lookup)
+        clone.corpus_source = copy.copy(self.corpus_source)
         return clone
 
     def _append(self, row: int, hidden: torch.Tensor) -> None:
@@ -108,25 +111,19 @@ class JetSpecDrafter:
         self._past = [[(empty, empty)] * cfg.num_layers for _ in prompts]
         self._pending = [[] for _ in prompts]
         self._length = [0] * len(prompts)
-        self._tail = [self._keep_tail(p) for p in prompts] if self.corpus is not None else []
         for row, h in enumerate(hidden):
             self._append(row, h)
-        if self.lookup is not None:
-            self.lookup.begin(prompts)
+        for source in self._sources():
+            source.begin(prompts)
 
     def advance(self, accepted, hidden) -> None:
         for row, h in enumerate(hidden):
             self._append(row, h)
-        if self.lookup is not None:
-            self.lookup.advance(accepted)
-        if self.corpus is not None:
-            for row, toks in enumerate(accepted):
-                self._tail[row] = self._keep_tail(self._tail[row] + list(toks))
+        for source in self._sources():
+            source.advance(accepted)
 
-    def _keep_tail(self, tokens) -> list[int]:
-        """The last ``max_ngram - 1`` of ``tokens``: with the next root, all the corpus lookup reads."""
-        keep = self.corpus.max_ngram - 1
-        return [int(t) for t in list(tokens)[-keep:]] if keep else []
+    def _sources(self) -> list:
+        return [s for s in (self.corpus_source, self.lookup) if s is not None]
 
     @torch.no_grad()
     def _block_logprobs(self, row: int, root: int, given: Sequence[int | None]) -> torch.Tensor:
@@ -159,11 +156,12 @@ class JetSpecDrafter:
         return self._block_logprobs(row, root, [None])[0, :self.max_depth]
 
     def draft(self, roots: Sequence[int], budget: int) -> list[DraftTree]:
+        """Per row: the network's best-first tree, merged by score with the corpus's continuations, then the
+        prompt-lookup continuations grafted in first (up to ``lookup_nodes`` of the budget)."""
         out = []
-        extras = None
+        nodes = 0
         if self.lookup is not None and budget > 1:
             nodes = self.lookup_nodes if self.lookup_nodes is not None else min(MAX_LOOKUP_NODES, 3 * budget // 4)
-            extras = self.lookup.draft(roots, nodes + 1) if nodes else None
         for row, root in enumerate(roots):
             root = int(root)
             logprobs = self.depth_logprobs(row, root)
@@ -178,11 +176,15 @@ class JetSpecDrafter:
             tokens, tree, scores = best_first_tree(root, logprobs, budget, self.width, branches, with_scores=True)
             if self._vocab is not None:
                 tokens = (root,) + tuple(self._vocab[i] for i in tokens[1:])
-            if self.corpus is not None and budget > 1:
-                found = self.corpus.tree(self._tail[row] + [root], budget, self.corpus_depth)
-                if len(found[0]) > 1:
-                    tokens, tree = merge_scored((tokens, tree, scores), found, budget)
-            if extras is not None and len(extras[row].tokens) > 1:
-                tokens, tree = graft(tokens, tree, extras[row].tokens, extras[row].tree, budget)
+            if self.corpus_source is not None and budget > 1:
+                found = self.corpus_source.trie(row, root, budget)
+                if len(found) > 1:
+                    trie = Trie.from_tree(tokens, tree, scores)
+                    trie.merge(found)
+                    tokens, tree = trie.best(budget)
+            if nodes:
+                lookup = self.lookup.trie(row, root, nodes + 1)
+                if len(lookup) > 1:
+                    tokens, tree = graft(tokens, tree, lookup.tokens, TreeSpec(tuple(lookup.parents)), budget)
             out.append(DraftTree(tokens, tree))
         return out

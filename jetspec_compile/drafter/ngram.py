@@ -13,6 +13,7 @@ from typing import Sequence
 
 from ..tree import TreeSpec
 from .protocol import DraftTree
+from .trie import Trie
 
 __all__ = ["NGramDrafter"]
 
@@ -76,24 +77,19 @@ class NGramDrafter:
                     return out
         return out
 
+    def trie(self, row: int, root: int, budget: int) -> Trie:
+        """Row ``row``'s continuation trie under ``root``: earlier continuations of the context's last n-grams,
+        most recent and longest match first, until ``budget`` nodes."""
+        trie = Trie(root)
+        for cont in self._continuations(self.rows[row], int(root)):
+            trie.add_path(cont, limit=budget)
+            if len(trie) >= budget:
+                break
+        return trie
+
     def draft(self, roots: Sequence[int], budget: int) -> list[DraftTree]:
         trees = []
-        for row, root in zip(self.rows, roots):
-            parents, tokens = [-1], [int(root)]
-            children: dict[tuple[int, int], int] = {}
-            for cont in self._continuations(row, int(root)):
-                node = 0
-                for tok in cont:
-                    nxt = children.get((node, tok))
-                    if nxt is None:
-                        if len(tokens) >= budget:
-                            break
-                        nxt = len(tokens)
-                        children[(node, tok)] = nxt
-                        parents.append(node)
-                        tokens.append(tok)
-                    node = nxt
-                if len(tokens) >= budget:
-                    break
-            trees.append(DraftTree(tuple(tokens), TreeSpec(tuple(parents))))
+        for row, root in enumerate(roots):
+            trie = self.trie(row, int(root), budget)
+            trees.append(DraftTree(tuple(trie.tokens), TreeSpec(tuple(trie.parents))))
         return trees

@@ -10,8 +10,8 @@ Path-conditioned branches go one step further: ``branches[r]`` holds the depth-2
 the rank-``r`` depth-1 token given (a second drafter pass), and the subtree under that depth-1 node draws from
 them instead of the shared marginals.
 
-:func:`graft` merges a second tree into a drafted one within the same budget (prompt-lookup continuations
-added to the drafter's tree).
+:func:`merge_scored` and :func:`graft` merge a second tree into a drafted one within the same budget (by score,
+or with the second tree's nodes first), through :class:`~jetspec_compile.drafter.trie.Trie`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from ..tree import TreeSpec
+from .trie import Trie
 
 __all__ = ["best_first_tree", "graft", "merge_scored"]
 
@@ -86,30 +87,9 @@ def merge_scored(a: tuple[Sequence[int], TreeSpec, Sequence[float]], b: tuple[Se
     """
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
-    if a[0][0] != b[0][0]:
-        raise ValueError(f"cannot merge a tree rooted at {b[0][0]} into one rooted at {a[0][0]}")
-    tokens, parents, scores, depth = [a[0][0]], [-1], [0.0], [0]
-    where: dict[tuple[int, int], int] = {}
-    for toks, tree, sc in (a, b):
-        local = {0: 0}
-        for node in range(1, len(toks)):
-            parent = local[tree.parents[node]]
-            key = (parent, int(toks[node]))
-            merged = where.get(key)
-            if merged is None:
-                merged = where[key] = len(tokens)
-                tokens.append(key[1])
-                parents.append(parent)
-                scores.append(float(sc[node]))
-                depth.append(depth[parent] + 1)
-            else:
-                scores[merged] = max(scores[merged], float(sc[node]))
-            local[node] = merged
-    for i in range(1, len(tokens)):  # rounding in a running sum must not put a child before its parent
-        scores[i] = min(scores[i], scores[parents[i]])
-    order = [0] + sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depth[i], i))[:budget - 1]
-    new = {old: k for k, old in enumerate(order)}
-    return tuple(tokens[i] for i in order), TreeSpec(tuple(-1 if i == 0 else new[parents[i]] for i in order))
+    trie = Trie.from_tree(*a)
+    trie.merge(Trie.from_tree(*b))
+    return trie.best(budget)
 
 
 def graft(tokens: Sequence[int], tree: TreeSpec, extra_tokens: Sequence[int], extra: TreeSpec,
@@ -125,32 +105,10 @@ def graft(tokens: Sequence[int], tree: TreeSpec, extra_tokens: Sequence[int], ex
     """
     if extra_tokens and tokens and extra_tokens[0] != tokens[0]:
         raise ValueError(f"cannot graft a tree rooted at {extra_tokens[0]} onto one rooted at {tokens[0]}")
-
-    def walk(keep: int, limit: int):
-        out_tokens, out_parents = list(tokens[:keep]), list(tree.parents[:keep])
-        children = {(p, t): i for i, (p, t) in enumerate(zip(out_parents, out_tokens)) if p >= 0}
-        where = {0: 0}  # extra node -> merged node
-        added = 0
-        for node in range(1, len(extra_tokens)):
-            parent = where.get(extra.parents[node])
-            if parent is None:
-                continue
-            key = (parent, int(extra_tokens[node]))
-            if key in children:
-                where[node] = children[key]
-            elif len(out_tokens) < limit:
-                where[node] = children[key] = len(out_tokens)
-                out_parents.append(parent)
-                out_tokens.append(key[1])
-                added += 1
-        return out_tokens, out_parents, added, where
-
-    _, _, needed, _ = walk(len(tokens), len(tokens) + len(extra_tokens))  # extra's new nodes against the whole tree
-    keep = max(1, min(len(tokens), budget - needed))
-    out_tokens, out_parents, _, where = walk(keep, budget)
+    other = Trie.from_tree(extra_tokens, extra)
+    keep = max(1, min(len(tokens), budget - Trie.from_tree(tokens, tree).new_nodes(other)))
+    trie = Trie.from_tree(tokens[:keep], TreeSpec(tree.parents[:keep]))
+    where = trie.merge(other, limit=budget)
     first = list(dict.fromkeys(where[n] for n in sorted(where)))  # root, then extra's nodes in extra's order
     placed = set(first)
-    order = first + [n for n in range(len(out_tokens)) if n not in placed]
-    new_index = {old: new for new, old in enumerate(order)}
-    return (tuple(out_tokens[n] for n in order),
-            TreeSpec(tuple(-1 if out_parents[n] < 0 else new_index[out_parents[n]] for n in order)))
+    return trie.ordered(first + [n for n in range(len(trie)) if n not in placed])
