@@ -35,7 +35,11 @@ from .training.train import TrainConfig
 def cmd_train(args) -> None:
     train = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
                         sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob)
-    try:  # checked before anything loads or regenerates
+    unknown = set(args.sample_sets or ()) - set(args.prompts)
+    if unknown:  # before anything loads or regenerates
+        raise SystemExit(f"--sample-sets {sorted(unknown)} not among --prompts {args.prompts}; name sets that are "
+                         "also in --prompts")
+    try:
         recipe = Recipe(prompts=tuple(args.prompts), limit=args.limit, data=args.data,
                         response_tokens=args.response_tokens, gen_batch=args.gen_batch, samples=args.samples,
                         sample_sets=tuple(args.sample_sets) if args.sample_sets else None,

@@ -18,9 +18,10 @@ from torch import nn
 
 from ..capture import text_config
 from ..compiler import build_verify_step
-from ..errors import UnsupportedModelError
 from ..kv_cache import StaticKVCache
 from ..tree import TreeSpec, ancestor_mask, depths, pad_tree
+from . import prefill as prefill_paths
+from .self_check import check_against_eager
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,6 @@ SLOT_BUCKET = 64
 @functools.lru_cache(maxsize=256)
 def _tree_tensors(tree: TreeSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return depths(tree), ancestor_mask(tree)
-
-
-@functools.lru_cache(maxsize=64)
-def _takes_logits_to_keep(cls) -> bool:
-    import inspect
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +95,7 @@ class TreeVerifier:
         # None: not yet compared with the graph's prefill (done on the first prefill); then True / False
         self._model_prefill = None if model_prefill and max(self.tap_layers) < kv.num_layers - 1 else False
         if self_check:
-            self._self_check()
+            check_against_eager(self)
 
     # -- properties ---------------------------------------------------------------------------------------
     @property
@@ -191,35 +186,13 @@ class TreeVerifier:
         real = attention_mask.bool()
         positions = (real.long().cumsum(1) - 1).clamp(min=0)
         if self._model_prefill is None:
-            self._model_prefill = self._model_prefill_agrees()
+            self._model_prefill = prefill_paths.model_prefill_agrees(self)
             self.reset()
         if self._model_prefill:
-            done = self._prefill_with_model(input_ids, real, positions)
+            done = prefill_paths.prefill_with_model(self, input_ids, real, positions)
             if done is not None:
                 return done
-        starts = list(range(0, max(p - n, 0), n)) + [max(p - n, 0)]
-        pad = max(n - p, 0)
-        ids = torch.nn.functional.pad(input_ids, (0, pad))
-        real_padded = torch.nn.functional.pad(real, (0, pad))
-        pos_padded = torch.nn.functional.pad(positions, (0, pad))
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        eye = torch.eye(n, dtype=torch.bool, device=self.device)
-        hidden_parts, covered = [], 0
-        for start in starts:
-            cols = real_padded[:, start:start + n]
-            tree_mask = (causal[None] & cols[:, None, :]) | eye[None]  # [B, N, N]
-            self.cache.valid[:, :start] = real[:, :start]
-            self.cache.positions[:, :start] = positions[:, :start]
-            self.base_position.zero_()
-            logits, hidden = self._run(ids[:, start:start + n], pos_padded[:, start:start + n], tree_mask, start)
-            hidden_parts.append(hidden[:, covered - start:min(p, start + n) - start])
-            covered = min(p, start + n)
-        self.cache.valid[:, :p] = real
-        self.cache.positions[:, :p] = positions
-        self.cache.length = p
-        self.base_position = real.long().sum(1)
-        last = p - 1 - starts[-1]
-        return logits[:, last], torch.cat(hidden_parts, dim=1)
+        return prefill_paths.prefill_with_graph(self, input_ids, real, positions, n)
 
     def verify(self, tokens: torch.Tensor, trees: TreeSpec | Sequence[TreeSpec]):
         """Run one tree per row through the target in one forward.
@@ -287,79 +260,3 @@ class TreeVerifier:
         self.cache.commit(slots + start, counts, positions)
         self.base_position = self.base_position + counts
         self._pending = None
-
-    @torch.no_grad()
-    def _prefill_with_model(self, input_ids: torch.Tensor, real: torch.Tensor, positions: torch.Tensor):
-        """Prefill through one forward of the model; None where its cache has another layout or its padding rows
-        are not finite (the graph prefill that follows then rewrites every slot this may have written)."""
-        b, p = input_ids.shape
-        kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(self.model)) else {}
-        out = self.model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True,
-                         output_hidden_states=True, **kwargs)
-        cache = out["cache"] if "cache" in out else out.get("past_key_values")  # ``cache`` in transformers 5
-        layers = getattr(cache, "layers", None)
-        kv = self.cache.kv
-        shape = (b, kv.shape[2], p, kv.shape[4])
-        if layers is None or 2 * len(layers) != kv.shape[0] or any(
-                tuple(getattr(layer, name, torch.empty(0)).shape) != shape
-                for layer in layers for name in ("keys", "values")):
-            return None
-        for i, layer in enumerate(layers):
-            kv[2 * i, :, :, :p] = layer.keys
-            kv[2 * i + 1, :, :, :p] = layer.values
-        hidden = torch.cat([out.hidden_states[i + 1] for i in self.tap_layers], dim=-1)
-        if not bool(real.all()) and not (bool(torch.isfinite(kv[:, :, :, :p]).all())
-                                         and bool(torch.isfinite(hidden).all())):
-            return None  # a model that leaves fully masked (padding) rows undefined: masked NaNs would spread
-        self.cache.valid[:, :p] = real
-        self.cache.positions[:, :p] = positions
-        self.cache.length = p
-        self.base_position = real.long().sum(1)
-        return out.logits[:, -1], hidden
-
-    # -- construction-time checks -------------------------------------------------------------------------
-    def _model_prefill_agrees(self) -> bool:
-        """Prefill a short random prompt both ways (through the verify graph itself: nothing new compiles) and
-        compare the caches, taps and logits."""
-        p = min(self.num_nodes, self.cache.max_length - 1)
-        ids = torch.randint(0, self.vocab_size, (self.batch_size, p), generator=torch.Generator().manual_seed(1))
-        ids = ids.to(self.device)
-        self._model_prefill = False
-        logits, hidden = self.prefill(ids)
-        state = self.cache.kv[:, :, :, :p].clone()
-        self.reset()
-        got = self._prefill_with_model(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(p)[None].expand(
-            self.batch_size, p).to(self.device))
-        if got is None:
-            logger.info("model prefill off: %s's cache has another layout", type(self.model).__name__)
-            return False
-        tol = 1e-3 if state.dtype == torch.float32 else 5e-2
-        for name, a, e in (("keys/values", self.cache.kv[:, :, :, :p], state), ("taps", got[1], hidden),
-                           ("logits", got[0], logits)):
-            err = float((a.float() - e.float()).abs().max() / e.float().abs().max().clamp(min=1.0))
-            if not err <= tol:
-                logger.info("model prefill off: its %s differ from the graph's (relative error %.1e)", name, err)
-                return False
-        return True
-
-    def _self_check(self) -> None:
-        """Compare a chunked prefill and one chain verification of the rewritten graphs with the eager model
-        (catches unmodelled attention semantics such as ALiBi biases instead of returning wrong logits)."""
-        gen = torch.Generator().manual_seed(0)
-        p = max(1, min(self.prefill_chunk + 3, self.cache.max_length - self.num_nodes - 1))  # 2 chunks
-        n = self.num_nodes
-        ids = torch.randint(0, self.vocab_size, (self.batch_size, p + n), generator=gen).to(self.device)
-        prefill_logits, _ = self.prefill(ids[:, :p])
-        chain_logits, _ = self.verify(ids[:, p:], TreeSpec.chain(n))
-        self.reset()
-        with torch.no_grad():
-            expected = self.model(input_ids=ids, use_cache=False).logits[:, p - 1:]
-        actual = torch.cat([prefill_logits[:, None], chain_logits], dim=1)
-        scale = expected.abs().max().clamp(min=1.0)
-        tol = 1e-3 if expected.dtype == torch.float32 else 5e-2
-        err = float((actual.float() - expected.float()).abs().max() / scale)
-        if not err <= tol:
-            raise UnsupportedModelError(
-                f"the rewritten graph of {type(self.model).__name__} disagrees with the eager model (relative "
-                f"error {err:.2e} > {tol:.0e}); its attention has semantics the passes do not model "
-                "(e.g. ALiBi or soft-capping), so it is refused rather than run wrongly")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from jetspec_compile import CacheFullError, TreeSpec, TreeVerifier, UnsupportedModelError
+from jetspec_compile.runtime import prefill as prefill_paths
 from jetspec_compile.tree import path_to
 from tests.families import FAMILIES, VOCAB, make_model
 from tests.reference import left_pad, path_logits, random_tree, sequence_logits
@@ -108,14 +109,14 @@ def test_model_prefill_fills_the_state_the_graph_would(family):
 
 def test_model_prefill_that_disagrees_with_the_graph_is_not_used(monkeypatch):
     model = make_model("llama")
-    original = TreeVerifier._prefill_with_model
+    original = prefill_paths.prefill_with_model
 
-    def off_by_a_bit(self, *args):
-        out = original(self, *args)
-        self.cache.kv.add_(1e-2)
+    def off_by_a_bit(verifier, *args):
+        out = original(verifier, *args)
+        verifier.cache.kv.add_(1e-2)
         return out
 
-    monkeypatch.setattr(TreeVerifier, "_prefill_with_model", off_by_a_bit)
+    monkeypatch.setattr(prefill_paths, "prefill_with_model", off_by_a_bit)
     v = TreeVerifier(model, max_cache_len=128, num_nodes=8, tap_layers=(0, 1))  # the self-check prefills once
     assert v._model_prefill is False
     ids = torch.randint(3, VOCAB, (1, 19))
