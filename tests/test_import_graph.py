@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jetspec_compile"
 
 #: lowest first; a module may import its own layer's and lower layers' modules only. Longest prefix wins.
 LAYERS = [
-    ("errors", "config", "tree", "interface", "io", "paths", "counters", "prompts"),
+    ("errors", "config", "tree", "interface", "io", "paths", "counters", "prompts", "compat"),
     ("capture", "kv_cache", "kernels"),
     ("passes",),
     ("compiler",),
@@ -22,7 +22,7 @@ LAYERS = [
     ("backends",),
     ("runtime",),
     ("models", "targets", "training"),
-    ("", "bench"),  # "": the package's own __init__ (the public API)
+    ("", "bench", "peers"),  # "": the package's own __init__ (the public API)
     ("cli",),
 ]
 
