@@ -130,6 +130,9 @@ class SpecModel:
     def _check_inputs(self, input_ids, attention_mask, max_new_tokens):
         if not torch.is_tensor(input_ids):
             raise TypeError(f"input_ids must be a tensor [B, P], got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; tokenize the text "
+                            "(tokenizer(..., return_tensors='pt')) or convert with input_ids.long()")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:

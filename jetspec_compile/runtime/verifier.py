@@ -156,6 +156,8 @@ class TreeVerifier:
         return logits, hidden  # [B, N, V], [B, N, K*H]
 
     def _check_batch(self, tensor: torch.Tensor, name: str) -> None:
+        if tensor.dtype.is_floating_point or tensor.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got dtype {tensor.dtype}; convert it with .long()")
         if tensor.dim() != 2 or tensor.shape[0] != self.batch_size:
             raise ValueError(f"{name} must have shape [batch={self.batch_size}, tokens], got {tuple(tensor.shape)}")
         if tensor.device != self.device:

@@ -131,6 +131,14 @@ def test_bad_inputs_raise_clear_errors():
         spec.generate(ids, num_beams=4)
 
 
+def test_float_token_ids_get_a_clear_error_not_a_torch_crash():
+    spec = spec_model("llama")
+    with pytest.raises(TypeError, match="integer token ids.*long"):
+        spec.generate(torch.tensor([[5.0, 6.0, 7.0]]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        spec.verifier(1).prefill(torch.tensor([[5.0, 6.0]]))
+
+
 def test_drafter_that_does_not_fit_the_target_is_refused():
     class Wrong(NGramDrafter):
         vocab_size = VOCAB + 1
