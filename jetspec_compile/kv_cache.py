@@ -64,15 +64,19 @@ class StaticKVCache:
         """Per-layer ``[B, H_kv, length, D]`` views of the first ``length`` slots (k0, v0, k1, v1, ...)."""
         return [self.kv[i, :, :, :length] for i in range(self.kv.shape[0])]
 
-    def commit(self, src_slots: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor) -> None:
+    def commit(self, src_slots: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor, *,
+               in_place: bool = False) -> None:
         """Compact accepted slots and mark them committed.
 
         src_slots: [B, A] cache slots of each row's accepted nodes in order (rows with fewer than A are padded
         with any valid slot); counts: [B] how many of them each row keeps; positions: [B, A] their position ids.
+        in_place: the caller knows every row's kept slots already are ``length .. length + count - 1`` in order
+        (a chain prefix, always so in plain decoding), so there is nothing to move.
         """
         count = src_slots.shape[1]
         self.check_room(count)
-        compact_kv_cache(self.kv, src_slots, self.length)
+        if not in_place:
+            compact_kv_cache(self.kv, src_slots, self.length)
         keep = torch.arange(count, device=counts.device)[None, :] < counts[:, None]  # [B, A]
         self.valid[:, self.length:self.length + count] = keep
         self.positions[:, self.length:self.length + count] = positions

@@ -38,7 +38,11 @@ def _tree_tensors(tree: TreeSpec) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """Standard strides even on size-1 dims (``contiguous()`` keeps a slice's odd stride there)."""
-    return t if t.stride() == torch.empty(t.shape, device="meta").stride() else t.clone(memory_format=torch.contiguous_format)
+    strides, step = [], 1
+    for size in reversed(t.shape):  # the strides of a fresh contiguous tensor of this shape
+        strides.append(step)
+        step *= max(size, 1)
+    return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
 
 
 class TreeVerifier:
@@ -91,6 +95,7 @@ class TreeVerifier:
         self.cache = StaticKVCache(kv.num_layers, batch_size, kv.heads, kv.head_dim, max_cache_len, kv.dtype,
                                    self.device)
         self.base_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._views: tuple[torch.Tensor | None, dict[int, list[torch.Tensor]]] = (None, {})  # see _run
         self._pending: list[TreeSpec] | None = None
         # None: not yet compared with the graph's prefill (done on the first prefill); then True / False
         self._model_prefill = None if model_prefill and max(self.tap_layers) < kv.num_layers - 1 else False
@@ -147,10 +152,15 @@ class TreeVerifier:
         length = min(self.cache.max_length, -(-(start + n) // SLOT_BUCKET) * SLOT_BUCKET)
         valid = self.cache.valid[:, :length].clone()
         valid[:, start:] = False
+        if self._views[0] is not self.cache.kv:  # views per length are made once per cache tensor
+            self._views = (self.cache.kv, {})
+        caches = self._views[1].get(length)
+        if caches is None:
+            caches = self._views[1][length] = self.cache.views(length)
         inputs = self.interface.feed(  # contiguous: compiled backends guard on strides
             input_ids=_dense(tokens), base_position=self.base_position, depth=_dense(depth),
             write_slots=torch.arange(start, start + n, device=self.device), tree_mask=_dense(tree_mask),
-            cache_valid=valid, cache_positions=self.cache.positions[:, :length], caches=self.cache.views(length))
+            cache_valid=valid, cache_positions=self.cache.positions[:, :length], caches=caches)
         with torch.no_grad():
             logits, hidden = graph(**inputs)
         return logits, hidden  # [B, N, V], [B, N, K*H]
@@ -259,6 +269,7 @@ class TreeVerifier:
                              device=self.device)
         start = self.cache.length
         positions = self.base_position[:, None] + torch.arange(width, device=self.device)[None]
-        self.cache.commit(slots + start, counts, positions)
+        in_place = all(list(p) == list(range(len(p))) for p in accepted)  # each path is nodes 0, 1, 2, ...
+        self.cache.commit(slots + start, counts, positions, in_place=in_place)
         self.base_position = self.base_position + counts
         self._pending = None
