@@ -142,11 +142,17 @@ def jetspec_backend(gm: torch.fx.GraphModule, example_inputs, freezing: bool = F
 
     counters["inductor"]["compiles"] += 1
     counters["inductor"]["frozen_compiles"] += bool(freezing)
-    passes = {"post_grad_custom_post_pass": TreeAttentionPass()}
+    passes = {"freezing": freezing, "post_grad_custom_post_pass": TreeAttentionPass()}
     if freezing:
         passes["post_grad_custom_pre_pass"] = PackedLinearPass(cpu_linear)
-    with inductor_config.patch(freezing=freezing, **passes):
+        passes["cpp.enable_concat_linear"] = CONCAT_LINEARS
+    with inductor_config.patch(passes):
         return compile_fx(gm, example_inputs)
+
+
+#: with freezing on CPU, linears that read the same input (q/k/v, gate/up) become one GEMM over their
+#: concatenated weights: fewer, wider GEMMs reading the same bytes (Inductor's ``cpp.enable_concat_linear``)
+CONCAT_LINEARS = True
 
 
 def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = None,
