@@ -13,13 +13,15 @@ hits every variant alike):
    decoder layer and by what the node computes: projections, MLP, norms, rotary, attention, mask, cache write,
    LM head). Inductor fuses across these boundaries, so it gets the per-kernel table of (2) instead
    (``--kernel-profile`` names Inductor's C++ kernels in it).
-4. **Generate breakdown** (``--generate-tokens`` > 0): greedy generation on chat prompts at budget 1 (fallback
+4. **GEMM kernels** (``--gemm``): every linear shape of the model at 1 row and at ``--budget`` rows, plain
+   ``F.linear`` against the MKL- and oneDNN-packed kernels the backends choose between.
+5. **Generate breakdown** (``--generate-tokens`` > 0): greedy generation on chat prompts at budget 1 (fallback
    only) and at ``--budget`` (speculating every step), per step: draft / verify / host ms (``last_stats``), τ,
    tokens/s, against HF ``generate`` on the same prompts; every output is compared with HF's.
 
     python benchmarks/profile_step.py [--backends eager inductor] [--budget 8] [--context 160] [--reps 20]
                                       [--threads 1] [--ops 15] [--generate-tokens 64] [--prompts 2]
-                                      [--kernel-profile] [--json FILE]
+                                      [--kernel-profile] [--gemm] [--json FILE]
 
 Inductor compiles each graph on first use (minutes on 2 cores); that time is not counted.
 """
@@ -269,9 +271,43 @@ def _generate_breakdown(spec, verifier, drafter, model, prompts, args) -> dict:
     return out
 
 
+def gemm_table(model, rows_list, reps: int) -> dict:
+    """Each distinct linear shape of ``model`` at each row count: plain ``F.linear`` against the MKL- and
+    oneDNN-packed kernels (min of ``reps`` interleaved calls over 30 distinct weights, so they come from memory)."""
+    from jetspec_compile.passes.prepack_linear_weights import available_kernels, pack_weight, run_packed
+
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    print(f"---- GEMM kernels (min of {reps} calls, 30 distinct weights per shape; MB/ms = GB/s)")
+    for rows in rows_list:
+        for out_f, in_f in shapes:
+            weights = [torch.randn(out_f, in_f, generator=gen) for _ in range(30 if out_f * in_f < 4e6 else 3)]
+            x = torch.randn(rows, in_f, generator=gen)
+            kernels = {"plain": None} | {k: [pack_weight(k, w, rows) for w in weights] for k in available_kernels()}
+            times = {k: [] for k in kernels}
+            with torch.no_grad():
+                for _ in range(reps):
+                    for k, packed in kernels.items():
+                        start = time.perf_counter()
+                        for i, w in enumerate(weights):
+                            if packed is None:
+                                torch.nn.functional.linear(x, w)
+                            else:
+                                run_packed(k, x, packed[i], w, None, rows)
+                        times[k].append((time.perf_counter() - start) / len(weights))
+            best = {k: min(t) for k, t in times.items()}
+            mb = out_f * in_f * 4 / 1e6
+            print(f"  rows {rows:2d}  {out_f:5d} x {in_f:5d}: " + "  ".join(
+                f"{k} {t * 1e3:7.3f} ms ({mb / (t * 1e3):5.1f} GB/s)" for k, t in best.items()))
+            out[f"{rows}x{in_f}->{out_f}"] = {k: t * 1e3 for k, t in best.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "inductor"])
+    ap.add_argument("--backends", nargs="*", default=["eager"], choices=["eager", "inductor"],
+                    help="backends to profile (none: only --gemm)")
     ap.add_argument("--budget", type=int, default=8, help="speculative tree budget (budget 1 is always profiled)")
     ap.add_argument("--context", type=int, default=160, help="committed context length of the isolated steps")
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions of each isolated step")
@@ -283,6 +319,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2, help="HumanEval test prompts of the generate breakdown")
     ap.add_argument("--kernel-profile", action="store_true",
                     help="Inductor: name each generated C++ kernel in the per-op table (slightly slower kernels)")
+    ap.add_argument("--gemm", action="store_true",
+                    help="also time every linear shape at 1 row and at --budget rows: plain, MKL- and oneDNN-packed")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if args.budget < 2:
@@ -293,10 +331,11 @@ def main() -> None:
 
         inductor_config.cpp.enable_kernel_profile = True
     model, tok = load_smollm2()
+    gemm = gemm_table(model, (1, args.budget), args.reps) if args.gemm else None
     results = [profile_backend(model, tok, backend, args) for backend in args.backends]
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results}, fh, indent=2)
+            json.dump({"args": vars(args), "gemm_ms": gemm, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":
