@@ -274,7 +274,7 @@ def _generate_breakdown(spec, verifier, drafter, model, prompts, args) -> dict:
 def gemm_table(model, rows_list, reps: int) -> dict:
     """Each distinct linear shape of ``model`` at each row count: plain ``F.linear`` against the MKL- and
     oneDNN-packed kernels (min of ``reps`` interleaved calls over 30 distinct weights, so they come from memory)."""
-    from jetspec_compile.passes.prepack_linear_weights import available_kernels, pack_weight, run_packed
+    from jetspec_compile.kernels.cpu_linear import available_kernels, pack_weight, run_packed
 
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
     gen = torch.Generator().manual_seed(0)
@@ -301,6 +301,41 @@ def gemm_table(model, rows_list, reps: int) -> dict:
             print(f"  rows {rows:2d}  {out_f:5d} x {in_f:5d}: " + "  ".join(
                 f"{k} {t * 1e3:7.3f} ms ({mb / (t * 1e3):5.1f} GB/s)" for k, t in best.items()))
             out[f"{rows}x{in_f}->{out_f}"] = {k: t * 1e3 for k, t in best.items()}
+    out["concat"] = _concat_table(model, rows_list, reps)
+    return out
+
+
+def _concat_table(model, rows_list, reps: int) -> dict:
+    """Every layer's q/k/v and gate/up linears as separate packed GEMMs against one GEMM per group over the
+    concatenated weights (what ``CONCAT_LINEARS`` makes Inductor do), the model's own weights, interleaved."""
+    from jetspec_compile.kernels.cpu_linear import available_kernels, pack_weight, run_packed
+
+    groups = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups += [[attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                   [mlp.gate_proj.weight, mlp.up_proj.weight]]
+    out = {}
+    print("---- q/k/v and gate/up of every layer: separate GEMMs against one GEMM per group (ms per step)")
+    for rows in rows_list:
+        for kernel in available_kernels():
+            with torch.no_grad():
+                variants = {"separate": [[(pack_weight(kernel, w, rows), w) for w in g] for g in groups],
+                            "concat": [[(pack_weight(kernel, torch.cat(g), rows), torch.cat(g))] for g in groups]}
+            x = torch.randn(rows, groups[0][0].shape[1])
+            times = {k: [] for k in variants}
+            with torch.no_grad():
+                for _ in range(reps):
+                    for name, packed in variants.items():
+                        start = time.perf_counter()
+                        for group in packed:
+                            for p, w in group:
+                                run_packed(kernel, x, p, w, None, rows)
+                        times[name].append(time.perf_counter() - start)
+            med = {k: statistics.median(t) for k, t in times.items()}
+            print(f"  rows {rows:2d} {kernel:6s}: separate {_stats(times['separate'])}, concat "
+                  f"{_stats(times['concat'])}; concat/separate {med['concat'] / med['separate']:.2f} (median)")
+            out[f"{rows} {kernel}"] = {k: v * 1e3 for k, v in med.items()}
     return out
 
 
