@@ -24,3 +24,23 @@ def test_commit_marks_holes_invalid_and_checks_room():
     assert cache.valid[:, 3:5].tolist() == [[True, True], [True, False]]
     with pytest.raises(CacheFullError, match="max_cache_len=8"):
         cache.check_room(4)
+
+
+def test_commit_in_place_keeps_a_chain_prefix_where_a_moving_commit_puts_it():
+    """``in_place`` (the caller knows each row kept nodes 0, 1, 2, ...) skips the copy and ends in the state a
+    moving commit of the same slots reaches, on every slot a row keeps."""
+    gen = torch.Generator().manual_seed(0)
+    moved = StaticKVCache(2, 2, 1, 3, max_length=12, dtype=torch.float32)
+    moved.kv.copy_(torch.randn(moved.kv.shape, generator=gen))
+    moved.length = 4
+    kept = StaticKVCache(2, 2, 1, 3, max_length=12, dtype=torch.float32)
+    kept.kv.copy_(moved.kv)
+    kept.length = 4
+    src = torch.tensor([[4, 5, 6], [4, 5, 5]])  # row 1 keeps nodes 0, 1 (padded by repeating the last)
+    counts, positions = torch.tensor([3, 2]), torch.tensor([[4, 5, 6], [2, 3, 4]])
+    moved.commit(src, counts, positions)
+    kept.commit(src, counts, positions, in_place=True)
+    assert kept.length == moved.length == 7
+    assert torch.equal(kept.valid, moved.valid) and torch.equal(kept.positions, moved.positions)
+    keep = moved.valid[None, :, None, :, None].expand_as(moved.kv)  # [2L, B, H, slots, D]
+    assert torch.equal(kept.kv[keep], moved.kv[keep])
