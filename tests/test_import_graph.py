@@ -39,7 +39,8 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package's modules that ``name`` imports (``from a import b`` counts ``a.b`` where that is a module)."""
+    """The package's modules that ``name`` imports (``from a import b`` counts ``a.b`` where that is a module,
+    else ``a``)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -51,7 +52,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            submodules = [f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in modules]
+            # ``from pkg import submodule`` depends on the submodule; ``from pkg import name`` on pkg itself
+            targets = submodules if len(submodules) == len(node.names) else [module, *submodules]
         else:
             continue
         found |= {t for t in targets if t in modules and t != name}
