@@ -11,7 +11,8 @@ its ``emit`` callback (its streamer) only ever sees its own rows' tokens.
 No thread is started: the caller whose turn it is runs the loop in its own thread (leader/follower), so the
 scheduler needs no shutdown and works from any thread pool.
 
-:func:`drafter_lock` guards a drafter object shared by several models: their loops take turns on it.
+:func:`shared_lock` guards what several models may share (a drafter object, the target module): their loops
+take turns on it.
 """
 
 from __future__ import annotations
@@ -23,25 +24,26 @@ from typing import Callable, Hashable
 
 import torch
 
-__all__ = ["BatchScheduler", "Request", "drafter_lock"]
+__all__ = ["BatchScheduler", "Request", "shared_lock"]
 
-_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
-#: for drafters that cannot be weakly referenced or hashed: one lock for all of them (correct, more waiting)
-_SHARED_LOCK = threading.Lock()
+#: for objects that cannot be weakly referenced or hashed: one lock for all of them (correct, more waiting)
+_FALLBACK_LOCK = threading.RLock()
 
 
-def drafter_lock(drafter) -> threading.Lock:
-    """The lock held while a loop uses ``drafter``'s per-row state (one per drafter object, process-wide), so two
-    models given the same drafter object take turns instead of overwriting each other's rows."""
+def shared_lock(obj) -> threading.RLock:
+    """The process-wide lock of an object several models may share: a drafter (its per-row state) or a target
+    module (capturing it for a new verifier graph swaps its parameters for a moment). Loops of different models
+    hold it while they use the object, so they take turns on it instead of corrupting each other's state."""
     with _LOCKS_GUARD:
         try:
-            lock = _LOCKS.get(drafter)
+            lock = _LOCKS.get(obj)
             if lock is None:
-                lock = _LOCKS[drafter] = threading.Lock()
+                lock = _LOCKS[obj] = threading.RLock()
             return lock
         except TypeError:
-            return _SHARED_LOCK
+            return _FALLBACK_LOCK
 
 
 @dataclass(eq=False)

@@ -26,7 +26,7 @@ from ..capture import text_config
 from ..config import JetSpecConfig
 from ..drafter.ngram import NGramDrafter
 from .loop import SamplingParams, speculative_generate
-from .scheduler import BatchScheduler, Request, drafter_lock
+from .scheduler import BatchScheduler, Request, shared_lock
 from .verifier import TreeVerifier
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ class SpecModel:
 
     ``generate`` is safe to call from several threads (see :mod:`jetspec_compile.runtime.scheduler`): one loop
     runs at a time, every output is what the call gives alone, a streamer sees only its own call's tokens; with
-    ``max_batch > 1`` overlapping greedy calls share one batched loop. A drafter object given to several models
-    is used by one loop at a time.
+    ``max_batch > 1`` overlapping greedy calls share one batched loop. Models sharing a drafter object or a
+    target module take turns on it. The lower-level :class:`TreeVerifier` and drafters are not thread-safe.
     """
 
     def __init__(self, model: nn.Module, drafter=None, config: JetSpecConfig | None = None):
@@ -78,7 +78,7 @@ class SpecModel:
 
     def verifier(self, batch_size: int) -> TreeVerifier:
         """The tree verifier for ``batch_size`` rows (captured and lowered on first use, then reused)."""
-        with self._build_lock:
+        with self._build_lock, shared_lock(self.model):  # a capture swaps the target's parameters for a moment
             return self._verifier(batch_size)
 
     def _verifier(self, batch_size: int) -> TreeVerifier:
@@ -95,7 +95,7 @@ class SpecModel:
         """The drafter as ``generate`` runs it: lowered to the backend where it has a drafter lowering (with
         ``onnxruntime``, a copy of a JetSpec drafter whose steps run an exported ONNX graph; exported on first
         use), else the drafter itself."""
-        with self._build_lock:
+        with self._build_lock, shared_lock(self.model):  # an export traces the target's shared embeddings too
             return self._lower_drafter()
 
     def _lower_drafter(self):
@@ -158,7 +158,8 @@ class SpecModel:
         first = requests[0]
         verifier = self.verifier(input_ids.shape[0])
         drafter = self.runtime_drafter()
-        with drafter_lock(drafter):
+        # models sharing the target or the drafter take turns (a verifier may capture more graphs mid-loop)
+        with shared_lock(self.model), shared_lock(drafter):
             try:
                 return speculative_generate(
                     verifier, drafter, input_ids, attention_mask, max_new_tokens=first.max_new_tokens,
