@@ -15,6 +15,8 @@ from tests.families import VOCAB, make_model
 
 THREADS = 8
 NEW = 20
+#: self_check is tested elsewhere; here it would only capture one more graph per batch size
+OPTIONS = dict(budget=8, max_cache_len=96, self_check=False, fallback=False)
 
 
 def make_prompts(count=6, seed=0):
@@ -70,8 +72,7 @@ def llama():
 def specs(llama):
     """max_batch -> one n-gram model shared by the tests (each batch size's verifier is built once)."""
     model = llama[0]
-    return {b: js.optimize(model, drafter=NGramDrafter(), budget=8, max_cache_len=96, max_batch=b, fallback=False)
-            for b in (1, 8)}
+    return {b: js.optimize(model, drafter=NGramDrafter(), max_batch=b, **OPTIONS) for b in (1, 8)}
 
 
 @pytest.mark.parametrize("max_batch", [1, 8])
@@ -97,8 +98,7 @@ def jetspec_with_corpus(model, prompts, expected):
 @pytest.mark.parametrize("max_batch", [1, 8])
 def test_threads_with_jetspec_drafter_and_corpus_are_token_identical(llama, max_batch):
     model, prompts, expected = llama
-    spec = js.attach_drafter(model, jetspec_with_corpus(model, prompts, expected), budget=8, max_cache_len=96,
-                             max_batch=max_batch, fallback=False)
+    spec = js.attach_drafter(model, jetspec_with_corpus(model, prompts, expected), max_batch=max_batch, **OPTIONS)
     results = hammer(spec, prompts)
     assert_identical(results, expected)
     assert max(stats["tau"] for _, _, stats in results) > 2  # the corpus rows were accepted several at a time
@@ -107,16 +107,14 @@ def test_threads_with_jetspec_drafter_and_corpus_are_token_identical(llama, max_
 def test_threads_on_onnxruntime_backend_are_token_identical(llama):
     pytest.importorskip("onnxruntime")
     model, prompts, expected = llama
-    spec = js.optimize(model, drafter=NGramDrafter(), backend="onnxruntime", budget=8, max_cache_len=96,
-                       fallback=False)
+    spec = js.optimize(model, drafter=NGramDrafter(), backend="onnxruntime", **OPTIONS)
     assert_identical(hammer(spec, prompts), expected)
 
 
 @pytest.mark.slow  # Inductor compiles each graph for a minute or more on a 2-core CPU
 def test_threads_on_inductor_backend_are_token_identical(llama):
     model, prompts, expected = llama
-    spec = js.optimize(model, drafter=NGramDrafter(), backend="inductor", budget=8, max_cache_len=96,
-                       fallback=False)
+    spec = js.optimize(model, drafter=NGramDrafter(), backend="inductor", **OPTIONS)
     assert_identical(hammer(spec, prompts), expected)
 
 
@@ -227,7 +225,7 @@ def test_models_sharing_a_target_and_a_drafter_take_turns(llama):
     their first verifier captures and their loops take turns on what they share."""
     model, prompts, expected = llama
     shared = NGramDrafter()
-    models = [js.optimize(model, drafter=shared, budget=8, max_cache_len=96, fallback=False) for _ in range(2)]
+    models = [js.optimize(model, drafter=shared, **OPTIONS) for _ in range(2)]
     start = threading.Barrier(THREADS)
 
     def work(t):
