@@ -2,7 +2,7 @@
 
 A speculative model owns state that one loop uses at a time: the verifier's static KV cache and the drafter's
 per-row context. :class:`BatchScheduler` runs one loop at a time per model; calls that arrive while a loop runs
-wait in a queue, and when it ends the first waiting call takes up to ``max_batch`` rows of waiting calls that
+wait in a queue, and when it ends the oldest waiting call takes up to ``max_batch`` rows of waiting calls that
 can share a loop (greedy, same ``max_new_tokens`` and EOS ids, left-padded) into one left-padded batch: the
 runtime verifies a tree per row, and a greedy row's output does not depend on the other rows. Sampling calls
 always run alone (a shared generator would be consumed in another order). Each call gets back its own rows;
@@ -107,7 +107,7 @@ class _Batch:
             return
         try:
             request.emit(local, tokens)
-        except Exception as exc:  # noqa: BLE001 - the caller's streamer; re-raised in the caller's thread
+        except Exception as exc:  # the caller's streamer: re-raised in the caller's thread
             request.error = exc
             if all(r.error is not None for r in self.requests):
                 raise
@@ -135,8 +135,14 @@ class BatchScheduler:
         tokens and the statistics of the loop it ran in. Raises what that loop (or its own streamer) raised."""
         with self._cond:
             self._queue.append(request)
-            while self._busy and not request.finished:
-                self._cond.wait()
+            try:  # first come, first served: the oldest waiting request leads the next loop
+                while not request.finished and (self._busy or self._queue[0] is not request):
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting: leave the queue so the next one can lead
+                if request in self._queue:
+                    self._queue.remove(request)
+                    self._cond.notify_all()
+                raise
             group = None
             if not request.finished:
                 self._busy = True
@@ -160,9 +166,9 @@ class BatchScheduler:
         return group
 
     def _run_group(self, group: list[Request]) -> None:
-        batch = _Batch.of(group)
-        emit = batch.emit if any(r.emit is not None for r in group) else None
         try:
+            batch = _Batch.of(group)
+            emit = batch.emit if any(r.emit is not None for r in group) else None
             outputs, stats = self._run(batch.input_ids, batch.attention_mask, group, emit)
             stats = {**stats, "batch_size": int(batch.input_ids.shape[0])}
             for r, start in zip(group, batch.offsets):
