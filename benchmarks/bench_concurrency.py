@@ -3,11 +3,13 @@
 For each concurrency N, N chat prompts are run three ways, interleaved per repetition so a shared machine's drift
 hits all alike: one after another in one thread (``sequential``), from N threads at once against a model that
 only serialises overlapping calls (``max_batch=1``), and from N threads at once against a model that batches
-waiting calls (``max_batch=8``). Reported: new tokens per second of each, the ratio to ``sequential``, and the
-batch sizes the loops ran. Every threaded output is checked token-identical to the sequential output of the
-same prompt (which the test suite checks against HF greedy decoding). Verifiers of the batch sizes a burst
-gives (1, N - 1 and N) are built before timing, so capture time is excluded (another size is built when first
-used, inside the timing of the batched mode: reported in its batch sizes).
+waiting calls (``max_batch=8``). Reported: new tokens per second of each and per second of process CPU time
+(with one PyTorch thread the work's cost, which drifts less than wall time on a machine shared with other jobs),
+the ratios to ``sequential``, and the batch sizes the loops ran. Every threaded output is checked
+token-identical to the sequential output of the same prompt (which the test suite checks against HF greedy
+decoding). Verifiers of the batch sizes a burst gives (1 and N - 1) are built before timing, so capture time is
+excluded (another size is built when first used, inside the timing of the batched mode: reported in its batch
+sizes).
 
     nice -n 10 python benchmarks/bench_concurrency.py [--concurrency 1 4 8] [--max-new-tokens 64] [--repeats 1]
                                                       [--threads 1] [--drafter smollm2] [--json out.json]
@@ -43,9 +45,9 @@ CHAT_PROMPTS = [
 
 
 def run_sequential(spec, prompts, new):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     outs = [spec.generate(p, max_new_tokens=new) for p in prompts]
-    return time.perf_counter() - start, outs, [1] * len(prompts)
+    return time.perf_counter() - start, time.process_time() - cpu, outs, [1] * len(prompts)
 
 
 def run_threads(spec, prompts, new):
@@ -59,10 +61,10 @@ def run_threads(spec, prompts, new):
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(work, p) for p in prompts]
         barrier.wait()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         results = [f.result() for f in futures]
-        seconds = time.perf_counter() - start
-    return seconds, [o for o, _ in results], [b for _, b in results]
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, cpu, [o for o, _ in results], [b for _, b in results]
 
 
 def new_tokens(outs, prompts):
@@ -94,7 +96,7 @@ def main() -> None:
         else:
             specs[name] = js.attach_drafter(model, args.drafter, max_batch=batch, **options)
     # a burst of N calls runs as a loop of the first alone and one of the N - 1 that queued meanwhile
-    sizes = sorted({1} | {n - 1 for n in args.concurrency if n > 1} | set(args.concurrency))
+    sizes = sorted({1} | {n - 1 for n in args.concurrency if n > 1})
     start = time.perf_counter()
     for size in sizes:
         specs["batched"].verifier(size)
@@ -111,27 +113,31 @@ def main() -> None:
             for mode, run, spec in (("sequential", run_sequential, specs["serialised"]),
                                     ("threads, max_batch=1", run_threads, specs["serialised"]),
                                     (f"threads, max_batch={max_batch}", run_threads, specs["batched"])):
-                seconds, outs, sizes = run(spec, batch, args.max_new_tokens)
+                seconds, cpu, outs, sizes = run(spec, batch, args.max_new_tokens)
                 ref = ref or outs
                 same = all(torch.equal(a, b) for a, b in zip(outs, ref))
                 toks = new_tokens(outs, batch)
-                records.append(dict(repeat=rep, concurrency=n, mode=mode, seconds=seconds, new_tokens=toks,
-                                    tokens_per_second=toks / seconds, batch_sizes=sorted(set(sizes)),
+                records.append(dict(repeat=rep, concurrency=n, mode=mode, seconds=seconds, cpu_seconds=cpu,
+                                    new_tokens=toks, tokens_per_second=toks / seconds,
+                                    tokens_per_cpu_second=toks / cpu, batch_sizes=sorted(set(sizes)),
                                     identical=same))
                 print(f"N={n} {mode:22s} {toks:4d} tokens {seconds:6.1f} s {toks / seconds:6.1f} tok/s "
+                      f"{cpu:6.1f} CPU s {toks / cpu:6.1f} tok/CPU-s "
                       f"batches {sorted(set(sizes))} identical={same}", flush=True)
 
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch threads "
           f"{args.threads}, drafter {args.drafter}, budget {args.budget}, {args.max_new_tokens} new tokens")
-    print("| concurrent requests | mode | tokens/s | vs sequential | loop batch sizes |")
-    print("|---|---|---|---|---|")
+    print("| concurrent requests | mode | tokens/s | vs sequential | tokens/CPU-s | vs sequential | loop batch sizes |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.concurrency:
         rows = [r for r in records if r["concurrency"] == n]
         seq = statistics.median(r["tokens_per_second"] for r in rows if r["mode"] == "sequential")
+        seq_cpu = statistics.median(r["tokens_per_cpu_second"] for r in rows if r["mode"] == "sequential")
         for mode in dict.fromkeys(r["mode"] for r in rows):
             tps = statistics.median(r["tokens_per_second"] for r in rows if r["mode"] == mode)
+            tpc = statistics.median(r["tokens_per_cpu_second"] for r in rows if r["mode"] == mode)
             sizes = sorted({s for r in rows if r["mode"] == mode for s in r["batch_sizes"]})
-            print(f"| {n} | {mode} | {tps:.1f} | {tps / seq:.2f}x | {sizes} |")
+            print(f"| {n} | {mode} | {tps:.1f} | {tps / seq:.2f}x | {tpc:.1f} | {tpc / seq_cpu:.2f}x | {sizes} |")
     if not all(r["identical"] for r in records):
         print("WARNING: some threaded outputs differ from the sequential ones")
     if args.json:
