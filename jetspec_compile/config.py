@@ -34,6 +34,10 @@ class JetSpecConfig:
         cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``): ``"auto"`` (measure both per
             weight shape), ``"mkl"`` or ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
         precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's dtype.
+        max_batch: most rows one speculative loop serves when ``generate`` calls overlap (threads): waiting greedy
+            calls with the same ``max_new_tokens`` share one left-padded batch. 1: overlapping calls only take
+            turns. Each batch size in use gets its own verifier (a KV cache of ``max_cache_len`` slots per row and,
+            on compiled backends, one more compile).
     """
 
     backend: str = "eager"
@@ -45,6 +49,7 @@ class JetSpecConfig:
     artifact_dir: str | None = None
     cpu_linear: str | None = None
     precision: str | None = None
+    max_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -58,6 +63,8 @@ class JetSpecConfig:
             raise ValueError(f"cpu_linear must be one of {CPU_LINEARS} or None, got {self.cpu_linear!r}")
         if self.precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1 (rows one loop serves), got {self.max_batch!r}")
         if self.tap_layers is not None:
             object.__setattr__(self, "tap_layers", tuple(int(i) for i in self.tap_layers))
 

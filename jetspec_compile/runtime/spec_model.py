@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +26,7 @@ from ..capture import text_config
 from ..config import JetSpecConfig
 from ..drafter.ngram import NGramDrafter
 from .loop import SamplingParams, speculative_generate
+from .scheduler import BatchScheduler, Request, shared_lock
 from .verifier import TreeVerifier
 
 logger = logging.getLogger(__name__)
@@ -38,8 +41,14 @@ class SpecModel:
         model: the unmodified HF model (still usable on its own).
         drafter: the drafter proposing trees (as given; ``generate`` runs :meth:`runtime_drafter`).
         config: the :class:`~jetspec_compile.config.JetSpecConfig`.
-        last_stats: statistics of the last ``generate`` call (plain dict: ``tau``, ``target_forwards``,
-            ``drafter_calls``, ``tokens_per_second``, ``acceptance_histogram``, ...).
+        last_stats: statistics of this thread's last ``generate`` call (plain dict: ``tau``, ``target_forwards``,
+            ``drafter_calls``, ``tokens_per_second``, ``acceptance_histogram``, ...; ``batch_size``: rows of the
+            loop it ran in, which are more than its own when it was batched with other calls).
+
+    ``generate`` is safe to call from several threads (see :mod:`jetspec_compile.runtime.scheduler`): one loop
+    runs at a time, every output is what the call gives alone, a streamer sees only its own call's tokens; with
+    ``max_batch > 1`` overlapping greedy calls share one batched loop. Models sharing a drafter object or a
+    target module take turns on it. The lower-level :class:`TreeVerifier` and drafters are not thread-safe.
     """
 
     def __init__(self, model: nn.Module, drafter=None, config: JetSpecConfig | None = None):
@@ -51,7 +60,17 @@ class SpecModel:
         _check_drafter(self.drafter, model)
         self._verifiers: dict[int, TreeVerifier] = {}
         self._runtime_drafter = None
-        self.last_stats: dict = {}
+        self._build_lock = threading.RLock()  # verifiers and the runtime drafter are built once
+        self._scheduler = BatchScheduler(self._run_loop, max_batch=self.config.max_batch)
+        self._local = threading.local()
+
+    @property
+    def last_stats(self) -> dict:
+        return getattr(self._local, "stats", {})
+
+    @last_stats.setter
+    def last_stats(self, stats: dict) -> None:
+        self._local.stats = stats
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +78,10 @@ class SpecModel:
 
     def verifier(self, batch_size: int) -> TreeVerifier:
         """The tree verifier for ``batch_size`` rows (captured and lowered on first use, then reused)."""
+        with self._build_lock, shared_lock(self.model):  # a capture swaps the target's parameters for a moment
+            return self._verifier(batch_size)
+
+    def _verifier(self, batch_size: int) -> TreeVerifier:
         if batch_size not in self._verifiers:
             tap_layers = self.config.tap_layers or getattr(self.drafter, "tap_layers", None)
             self._verifiers[batch_size] = TreeVerifier(
@@ -72,6 +95,10 @@ class SpecModel:
         """The drafter as ``generate`` runs it: lowered to the backend where it has a drafter lowering (with
         ``onnxruntime``, a copy of a JetSpec drafter whose steps run an exported ONNX graph; exported on first
         use), else the drafter itself."""
+        with self._build_lock, shared_lock(self.model):  # an export traces the target's shared embeddings too
+            return self._lower_drafter()
+
+    def _lower_drafter(self):
         if self._runtime_drafter is None or self._runtime_drafter[0] is not self.drafter:  # drafter swapped
             lowered = lower_drafter(self.config.backend, self.drafter, LoweringOptions.from_config(self.config))
             self._runtime_drafter = (self.drafter, lowered)
@@ -110,14 +137,13 @@ class SpecModel:
                 raise ValueError("streamers support batch size 1 only (as in HF generate)")
             streamer.put(input_ids.cpu())
         emit = (lambda row, toks: streamer.put(torch.tensor(toks))) if streamer is not None else None
-        verifier = self.verifier(batch)
-        drafter = self.runtime_drafter()
+        # greedy, left-padded calls with the same length and EOS ids may share a loop; sampling runs alone
+        batchable = not params.do_sample and bool(attention_mask[:, -1].all())
+        request = _GenerateRequest(input_ids, attention_mask, (max_new_tokens, tuple(eos)) if batchable else None,
+                                   emit, params=params, max_new_tokens=max_new_tokens, eos=eos)
         try:
-            outputs, stats = speculative_generate(
-                verifier, drafter, input_ids, attention_mask, max_new_tokens=max_new_tokens, params=params,
-                eos_token_ids=eos, budgets=self.config.budgets, emit=emit)
+            outputs, stats = self._scheduler.submit(request)
         finally:
-            verifier.reset()  # a drafter or user error mid-generation leaves a clean verifier behind
             if streamer is not None:
                 streamer.end()
         self.last_stats = stats
@@ -126,6 +152,20 @@ class SpecModel:
         for r, o in enumerate(outputs):
             new[r, :len(o)] = torch.tensor(o, dtype=torch.long)
         return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    def _run_loop(self, input_ids, attention_mask, requests, emit):
+        """One speculative loop over a (merged) batch; the scheduler runs one at a time."""
+        first = requests[0]
+        verifier = self.verifier(input_ids.shape[0])
+        drafter = self.runtime_drafter()
+        # models sharing the target or the drafter take turns (a verifier may capture more graphs mid-loop)
+        with shared_lock(self.model), shared_lock(drafter):
+            try:
+                return speculative_generate(
+                    verifier, drafter, input_ids, attention_mask, max_new_tokens=first.max_new_tokens,
+                    params=first.params, eos_token_ids=first.eos, budgets=self.config.budgets, emit=emit)
+            finally:
+                verifier.reset()  # a drafter or user error mid-generation leaves a clean verifier behind
 
     def _check_inputs(self, input_ids, attention_mask, max_new_tokens):
         if not torch.is_tensor(input_ids):
@@ -159,6 +199,15 @@ class SpecModel:
                 f"({self.config.max_budget}) = {need} exceeds max_cache_len={self.config.max_cache_len}; pass a larger "
                 "max_cache_len to optimize()")
         return input_ids, attention_mask
+
+
+@dataclasses.dataclass(eq=False)
+class _GenerateRequest(Request):
+    """A ``generate`` call's loop settings (shared by every request of a batch: equal keys)."""
+
+    params: SamplingParams = SamplingParams()
+    max_new_tokens: int = 0
+    eos: list[int] = dataclasses.field(default_factory=list)
 
 
 def _check_drafter(drafter, model) -> None:
