@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import jetspec_compile as js
 from jetspec_compile.drafter import DraftTree, NGramDrafter
-from jetspec_compile.runtime import acceptance, loop
+from jetspec_compile.runtime import sampling
 from jetspec_compile.runtime.acceptance import warp_logits
 from jetspec_compile.tree import TreeSpec
 
@@ -118,13 +118,16 @@ def test_sampling_matches_target_distribution(drafter_kind, temperature, top_k, 
 
 
 def test_biased_acceptance_is_detected(monkeypatch):
-    def always_accept(probs, draft_probs, tree, tokens, generator=None):
-        kids = acceptance.children_of(tree)
-        if kids[0] and probs[0, tokens[kids[0][0]]] > 0:  # accept the first child whenever possible: biased to q
-            return [0, kids[0][0]], int(torch.multinomial(probs[kids[0][0]], 1, generator=generator))
-        return [0], int(torch.multinomial(probs[0], 1, generator=generator))
+    real_reject = sampling._reject
 
-    monkeypatch.setattr(loop, "accept_rejection", always_accept)
+    def always_accept(probs, ids, q, child_tokens, child_valid, u):
+        """Accept the first child whenever the target allows it: biased towards q."""
+        accepted, residual, bad = real_reject(probs, ids, q, child_tokens, child_valid, u)
+        col, inside = sampling._column_of(ids, child_tokens[:, :1])
+        possible = child_valid[:, 0] & inside[:, 0] & (probs.gather(-1, col)[:, 0] > 0)
+        return torch.where(possible, 0, accepted), residual, bad
+
+    monkeypatch.setattr(sampling, "_reject", always_accept)
     spec = js.optimize(tiny_model(), drafter=SamplingDrafter(), budget=16, max_cache_len=48)
     counts = sampled_counts(spec, 1.0, None, None)
     assert p_value(counts, exact_joint(spec.model, 1.0, None, None)) < ALPHA
@@ -138,3 +141,25 @@ def test_warp_matches_hf_logits_processors():
     scores = TopKLogitsWarper(10)(None, scores)
     scores = TopPLogitsWarper(0.8)(None, scores)
     torch.testing.assert_close(warp_logits(logits, 0.7, 10, 0.8), scores.softmax(-1))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, 0.9), (1.0, 20, None), (0.5, 200, 0.95),
+                                                       (1.3, None, 0.99), (0.7, None, None)])
+def test_batched_warp_matches_hf_on_a_large_vocabulary(temperature, top_k, top_p):
+    """Candidates widen where the nucleus is wide (flat rows), so every row matches HF's full-sort warpers."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * torch.tensor([[8.0], [4.0], [2.0], [1.0], [0.3], [0.05]])
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    torch.testing.assert_close(sampling.warp_dense(logits, temperature, top_k, top_p), scores.softmax(-1))
+
+
+def test_draw_never_picks_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    picked = sampling.draw(probs, torch.tensor([0.0, 0.25, 0.5, 1.0 - 1e-7]))
+    assert picked.tolist() == [1, 1, 3, 3]

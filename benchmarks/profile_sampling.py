@@ -1,0 +1,71 @@
+"""Where a sampling step's time goes, against a greedy step, on the real model.
+
+SmolLM2-135M-Instruct with the shipped drafter (budget 8, eager backend) on general-chat prompts
+(``benchmarks/prompts/chat.jsonl``). For every prompt it runs greedy and sampled generation (T, top-p as given)
+and reports per step: drafter time, target-forward time and the rest (host: tree assembly, acceptance, KV
+commit), from ``spec.last_stats``; then a cProfile view of one sampled generation's host functions.
+
+    python benchmarks/profile_sampling.py [--limit 4] [--temperature 0.7] [--top-p 0.9] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+
+import torch
+
+import jetspec_compile as js
+from jetspec_compile.models import load_smollm2
+from jetspec_compile.prompts import encode_chat, load_jsonl
+
+
+def per_step(stats: dict) -> dict:
+    steps = max(1, stats["steps"])
+    return {"draft_ms": 1e3 * stats["draft_seconds"] / steps, "verify_ms": 1e3 * stats["verify_seconds"] / steps,
+            "host_ms": 1e3 * stats["host_seconds"] / steps, "tau": stats["tau"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="benchmarks/prompts/chat.jsonl")
+    ap.add_argument("--limit", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    spec = js.attach_drafter(model, "smollm2", budget=args.budget, max_cache_len=1024)
+    prompts = [torch.tensor([encode_chat(tok, p)]) for p in load_jsonl(args.prompts, args.limit + 1)]
+    sample = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    rows = {"greedy": [], "sample": []}
+    for i, x in enumerate(prompts):
+        for mode, kw in (("greedy", {}), ("sample", sample)):
+            spec.generate(x, max_new_tokens=args.max_new_tokens, generator=torch.Generator().manual_seed(i), **kw)
+            if i:  # prompt 0 warms up
+                rows[mode].append(per_step(spec.last_stats))
+    print("| mode | draft ms/step | verify ms/step | host ms/step | step ms | τ |")
+    print("|---|---|---|---|---|---|")
+    for mode, rs in rows.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        step = med["draft_ms"] + med["verify_ms"] + med["host_ms"]
+        print(f"| {mode} | {med['draft_ms']:.1f} | {med['verify_ms']:.1f} | {med['host_ms']:.1f} | {step:.1f} | "
+              f"{statistics.mean(r['tau'] for r in rs):.2f} |")
+    prof = cProfile.Profile()
+    prof.enable()
+    spec.generate(prompts[1], max_new_tokens=args.max_new_tokens, generator=torch.Generator().manual_seed(0), **sample)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    print(f"\ncProfile of one sampled generation ({spec.last_stats['steps']} steps), by own time:")
+    print(out.getvalue()[out.getvalue().find("ncalls") - 3:])
+
+
+if __name__ == "__main__":
+    main()
