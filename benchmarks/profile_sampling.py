@@ -1,9 +1,12 @@
 """Where a sampling step's time goes, against a greedy step, on the real model.
 
 SmolLM2-135M-Instruct with the shipped drafter (budget 8, eager backend) on general-chat prompts
-(``benchmarks/prompts/chat.jsonl``). For every prompt it runs greedy and sampled generation (T, top-p as given)
-and reports per step: drafter time, target-forward time and the rest (host: tree assembly, acceptance, KV
-commit), from ``spec.last_stats``; then a cProfile view of one sampled generation's host functions.
+(``benchmarks/prompts/chat.jsonl``), speculating at every step (no fallback to plain decoding). For every prompt
+it runs greedy decoding and sampling (T, top-p as given) two ways: ``sample-scalar``, the node-by-node rules of
+``runtime/acceptance.py`` on best-first trees (what the runtime did before batched acceptance), and ``sample``, the
+runtime as it is (batched acceptance, the drafter's default trees). It reports per step: drafter time,
+target-forward time and the rest (host: tree assembly, acceptance, KV commit), from ``spec.last_stats``; then a
+cProfile view of one sampled generation of each kind.
 
     python benchmarks/profile_sampling.py [--limit 4] [--temperature 0.7] [--top-p 0.9] [--threads 1]
 """
@@ -19,6 +22,7 @@ import statistics
 import torch
 
 import jetspec_compile as js
+from jetspec_compile.runtime import acceptance, loop
 from jetspec_compile.models import load_smollm2
 from jetspec_compile.prompts import encode_chat, load_jsonl
 
@@ -27,6 +31,18 @@ def per_step(stats: dict) -> dict:
     steps = max(1, stats["steps"])
     return {"draft_ms": 1e3 * stats["draft_seconds"] / steps, "verify_ms": 1e3 * stats["verify_seconds"] / steps,
             "host_ms": 1e3 * stats["host_seconds"] / steps, "tau": stats["tau"]}
+
+
+def accept_scalar(logits, trees, params):
+    """The node-by-node acceptance: warp each row's ``[n, V]`` with a full sort, then walk node by node."""
+    out = []
+    for r, t in enumerate(trees):
+        probs = acceptance.warp_logits(logits[r, :len(t.tokens)], params.temperature, params.top_k, params.top_p)
+        if t.probs is not None:
+            out.append(acceptance.accept_rejection(probs, t.probs, t.tree, t.tokens, params.generator))
+        else:
+            out.append(acceptance.accept_sample_follow(probs, t.tree, t.tokens, params.generator))
+    return out
 
 
 def main() -> None:
@@ -41,13 +57,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    spec = js.attach_drafter(model, "smollm2", budget=args.budget, max_cache_len=1024)
+    spec = js.attach_drafter(model, "smollm2", budget=args.budget, max_cache_len=1024, fallback=False)
+    batched = loop.accept
+
+    def generate(mode: str, x, seed: int):
+        loop.accept = accept_scalar if mode == "sample-scalar" else batched
+        spec.drafter.drawn_trees = mode != "sample-scalar"
+        kw = {} if mode == "greedy" else sample
+        try:
+            spec.generate(x, max_new_tokens=args.max_new_tokens, generator=torch.Generator().manual_seed(seed), **kw)
+        finally:
+            loop.accept = batched
+
     prompts = [torch.tensor([encode_chat(tok, p)]) for p in load_jsonl(args.prompts, args.limit + 1)]
     sample = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
-    rows = {"greedy": [], "sample": []}
+    rows = {"greedy": [], "sample-scalar": [], "sample": []}
     for i, x in enumerate(prompts):
-        for mode, kw in (("greedy", {}), ("sample", sample)):
-            spec.generate(x, max_new_tokens=args.max_new_tokens, generator=torch.Generator().manual_seed(i), **kw)
+        for mode in rows:
+            generate(mode, x, i)
             if i:  # prompt 0 warms up
                 rows[mode].append(per_step(spec.last_stats))
     print("| mode | draft ms/step | verify ms/step | host ms/step | step ms | τ |")
@@ -57,14 +84,15 @@ def main() -> None:
         step = med["draft_ms"] + med["verify_ms"] + med["host_ms"]
         print(f"| {mode} | {med['draft_ms']:.1f} | {med['verify_ms']:.1f} | {med['host_ms']:.1f} | {step:.1f} | "
               f"{statistics.mean(r['tau'] for r in rs):.2f} |")
-    prof = cProfile.Profile()
-    prof.enable()
-    spec.generate(prompts[1], max_new_tokens=args.max_new_tokens, generator=torch.Generator().manual_seed(0), **sample)
-    prof.disable()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
-    print(f"\ncProfile of one sampled generation ({spec.last_stats['steps']} steps), by own time:")
-    print(out.getvalue()[out.getvalue().find("ncalls") - 3:])
+    for mode in ("sample-scalar", "sample"):
+        prof = cProfile.Profile()
+        prof.enable()
+        generate(mode, prompts[1], 0)
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+        print(f"\ncProfile of one {mode} generation ({spec.last_stats['steps']} steps), by own time:")
+        print(out.getvalue()[out.getvalue().find("ncalls") - 3:])
 
 
 if __name__ == "__main__":

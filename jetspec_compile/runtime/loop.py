@@ -124,6 +124,8 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
     real = attention_mask.bool()
     prompts = [input_ids[r][real[r]].tolist() for r in range(batch)]
     need_hidden = getattr(drafter, "needs_hidden", False)
+    if callable(getattr(drafter, "set_sampling", None)):  # optional: drafters that shape trees for sampling
+        drafter.set_sampling(params)
     drafter.begin(prompts, [hidden[r][real[r]] for r in range(batch)] if need_hidden else None)
     roots = params.pick(logits)
     for r in range(batch):

@@ -83,11 +83,11 @@ def exact_joint(model, temperature, top_k, top_p):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sampled_counts(spec, temperature, top_k, top_p, seed=0):
+def sampled_counts(spec, temperature, top_k, top_p, seed=0, rounds=ROUNDS):
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(V, V, V)
     ids = torch.tensor([PROMPT] * ROWS)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         out = spec.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, top_k=top_k,
                             top_p=top_p, generator=g)
         for a, b, c in out[:, len(PROMPT):].tolist():
@@ -163,3 +163,29 @@ def test_draw_never_picks_a_zero_probability_token():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
     picked = sampling.draw(probs, torch.tensor([0.0, 0.25, 0.5, 1.0 - 1e-7]))
     assert picked.tolist() == [1, 1, 3, 3]
+
+
+def test_drawn_parallel_drafter_trees_match_target_distribution():
+    """A parallel drafter (random weights, the shipped drafter's shape: taps, a block, a draft vocabulary) draws
+    its trees when sampling; the trees carry probs, acceptance is rejection sampling, the output is the target's."""
+    from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
+
+    target = tiny_model()
+    torch.manual_seed(5)
+    cfg = DrafterConfig.for_target(target.config, (0, 1), num_layers=1, block_size=4, target_name="tiny")
+    net = ParallelDrafter(cfg, target.get_input_embeddings(), target.get_output_embeddings())
+    net = net.restrict_vocab([6, 2, 5, 0, 7, 1]).eval()  # token 3 and 4 are never drafted
+    drawn = []
+
+    class Recording(JetSpecDrafter):
+        def draft(self, roots, budget):
+            trees = super().draft(roots, budget)
+            drawn.extend(t.probs is not None and len(t.tokens) > 1 for t in trees)
+            return trees
+
+    spec = js.attach_drafter(target, Recording(net, width=3, lookup_nodes=0), budget=6, max_cache_len=48)
+    temperature, top_k, top_p = 0.7, 5, 0.9
+    counts = sampled_counts(spec, temperature, top_k, top_p, rounds=ROUNDS // 2)  # one drafter forward per row
+    assert drawn and all(drawn)
+    assert p_value(counts, exact_joint(target, temperature, top_k, top_p)) > ALPHA
+    assert spec.last_stats["tau"] > 1.0
