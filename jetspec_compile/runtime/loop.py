@@ -19,7 +19,7 @@ from ..drafter.protocol import DraftTree
 from ..tree import pad_tree
 from .acceptance import accept_greedy
 from .budget import BudgetController
-from .sampling import accept_sampled, warp_dense
+from .sampling import accept_sampled, draw, warp_dense
 from .verifier import TreeVerifier
 
 __all__ = ["SamplingParams", "speculative_generate"]
@@ -47,7 +47,7 @@ class SamplingParams:
         if not self.do_sample:
             return logits.argmax(-1).tolist()
         probs = warp_dense(logits, self.temperature, self.top_k, self.top_p)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].tolist()
+        return draw(probs, torch.rand(probs.shape[0], generator=self.generator).to(probs.device)).tolist()
 
 
 def draft(drafter, roots: list[int], budget: int) -> list[DraftTree]:

@@ -186,8 +186,7 @@ def accept_sampled(logits: torch.Tensor, trees: Sequence[DraftTree], temperature
             token = token.index_copy(0, nodes, bonus)
             slot = slot.index_copy(0, nodes, accepted)
             bad = bad.index_copy(0, nodes, bad_q)
-        ok = real.logical_not() if covered is None else real.logical_not() | covered
-        ok = torch.ones_like(real) if covered is None else ok
+        ok = torch.ones_like(real) if covered is None else covered | ~real  # padding nodes never need a retry
         host = torch.stack([token, slot, bad.long() * real, ok.long()]).reshape(4, batch, n).tolist()  # one sync
         if all(all(row) for row in host[3]):
             break

@@ -189,3 +189,34 @@ def test_drawn_parallel_drafter_trees_match_target_distribution():
     assert drawn and all(drawn)
     assert p_value(counts, exact_joint(target, temperature, top_k, top_p)) > ALPHA
     assert spec.last_stats["tau"] > 1.0
+
+
+@pytest.mark.parametrize("support", ["dense", "top-p"])
+def test_one_node_rejection_outcome_is_the_target_distribution(support):
+    """Many independent nodes in one call: the emitted token (accepted child, else the residual draw) is ~ p."""
+    g = torch.Generator().manual_seed(1)
+    nodes, vocab, kids = 20000, 12, 3
+    logits = torch.randn(vocab, generator=g).expand(nodes, vocab) * 2
+    q = torch.softmax(torch.randn(vocab, generator=g) * 2, -1).expand(nodes, vocab).contiguous()
+    top_p = 0.8 if support == "top-p" else None
+    probs, ids, _ = sampling.warp_top(logits, 0.9, None, top_p, candidates=8)
+    gumbel = -torch.log(-torch.log(torch.rand(nodes, vocab, generator=g)))
+    children = (q.log() + gumbel).topk(kids, dim=-1).indices  # without replacement from q, in draw order
+    u = torch.rand(nodes, kids + 1, generator=g)
+    accepted, residual, bad = sampling._reject(probs, ids, q, children, torch.ones_like(children, dtype=torch.bool),
+                                               u[:, 1:])
+    bonus = sampling.draw(residual, u[:, 0])
+    bonus = bonus if ids is None else ids.gather(-1, bonus[:, None])[:, 0]
+    out = torch.where(accepted >= 0, children.gather(-1, accepted.clamp(min=0)[:, None])[:, 0], bonus)
+    assert not bad.any() and (accepted >= 0).float().mean() > 0.3
+    target = sampling.warp_dense(logits[:1], 0.9, None, top_p)[0]
+
+    def follows_target(tokens):
+        counts = torch.bincount(tokens, minlength=vocab).float()
+        if counts[target == 0].sum() > 0:
+            return False
+        keep = target > 0
+        return chisquare(counts[keep].numpy(), (target[keep] * nodes).numpy()).pvalue > ALPHA
+
+    assert follows_target(out)
+    assert not follows_target(torch.where(accepted >= 0, out, children[:, 0]))  # planted bias: first child kept
