@@ -22,9 +22,9 @@ import statistics
 import torch
 
 import jetspec_compile as js
-from jetspec_compile.runtime import acceptance, loop
 from jetspec_compile.models import load_smollm2
 from jetspec_compile.prompts import encode_chat, load_jsonl
+from jetspec_compile.runtime import acceptance, loop
 
 
 def per_step(stats: dict) -> dict:
@@ -70,7 +70,7 @@ def main() -> None:
             loop.accept = batched
 
     prompts = [torch.tensor([encode_chat(tok, p)]) for p in load_jsonl(args.prompts, args.limit + 1)]
-    sample = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    sample = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     rows = {"greedy": [], "sample-scalar": [], "sample": []}
     for i, x in enumerate(prompts):
         for mode in rows:
