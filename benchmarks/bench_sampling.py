@@ -6,10 +6,10 @@ general-chat prompts (``benchmarks/prompts/chat.jsonl``). Methods, run on every 
 
 * ``hf`` / ``jetspec-b8``: greedy decoding (speculative output checked token-identical to HF's);
 * ``hf-sample``: HF sampling at T / top-p (top-k off);
-* ``jetspec-b8-sample``: the runtime's default sampling scheme (``JetSpecDrafter(drawn_trees=True)``: drawn trees
-  with rejection sampling where the context gives no lookup/corpus continuation, else best-first trees with
-  sample-and-follow);
-* ``jetspec-b8-follow-sample``: best-first trees with lookup and corpus, sample-and-follow at every step;
+* ``jetspec-b8-sample``: the runtime's default sampling scheme: best-first trees with lookup and corpus,
+  sample-and-follow at every step;
+* ``jetspec-b8-hybrid-sample``: ``JetSpecDrafter(drawn_trees=True)``: drawn trees with rejection sampling where
+  the context gives no lookup/corpus continuation, else best-first trees with sample-and-follow;
 * ``jetspec-b8-drawn-sample``: drawn trees at every step (no lookup, no corpus), rejection sampling.
 
 The table gives tokens/s, the median per-prompt speedup over HF in the same mode and τ; the last line compares
@@ -45,13 +45,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    follow = load_jetspec_drafter("smollm2", model)
-    follow.drawn_trees = False
-    drafters = {"jetspec-b8": load_jetspec_drafter("smollm2", model), "jetspec-b8-follow": follow,
-                "jetspec-b8-drawn": load_jetspec_drafter("smollm2", model, lookup_nodes=0, corpus=False)}
+    hybrid = load_jetspec_drafter("smollm2", model)
+    drawn = load_jetspec_drafter("smollm2", model, lookup_nodes=0, corpus=False)
+    hybrid.drawn_trees = drawn.drawn_trees = True
+    drafters = {"jetspec-b8": load_jetspec_drafter("smollm2", model), "jetspec-b8-hybrid": hybrid,
+                "jetspec-b8-drawn": drawn}
     specs = {name: js.attach_drafter(model, d, budget=args.budget, max_cache_len=2048) for name, d in drafters.items()}
     prompts = {"chat": [encode_chat(tok, p) for p in load_jsonl(args.prompts, args.limit + 1)]}
-    methods = ["hf", "jetspec-b8", "hf-sample", "jetspec-b8-sample", "jetspec-b8-follow-sample",
+    methods = ["hf", "jetspec-b8", "hf-sample", "jetspec-b8-sample", "jetspec-b8-hybrid-sample",
                "jetspec-b8-drawn-sample"]
     sample = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     records = run_interleaved(model, specs, prompts, methods, max_new_tokens=args.max_new_tokens, sample=sample)

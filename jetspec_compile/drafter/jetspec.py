@@ -16,9 +16,9 @@ quarters of it), whenever the context repeats: text the drafter has no reason to
 prompt) costs no extra forward. With a ``corpus`` (:class:`~jetspec_compile.drafter.corpus.CorpusIndex`, the
 target's own responses to training prompts) the corpus's continuations of the context are merged with the
 drafter's tree by score first: the target's stock phrases, which a small drafter predicts a token or two at a
-time. When the runtime samples (``set_sampling``), a row whose context gives no lookup or corpus continuation may
-get a tree of children drawn from the drafter's warped distributions with those distributions attached
-(``drawn_trees``, :func:`~jetspec_compile.drafter.drawn_tree.drawn_tree`), so the runtime applies recursive
+time. When the runtime samples (``set_sampling``) and ``drawn_trees`` is on, a row whose context gives no lookup
+or corpus continuation gets a tree of children drawn from the drafter's warped distributions with those
+distributions attached (:func:`~jetspec_compile.drafter.drawn_tree.drawn_tree`), so the runtime applies recursive
 rejection sampling; rows with a continuation keep the deterministic tree (sample-and-follow). Both are lossless.
 """
 
@@ -63,14 +63,15 @@ class JetSpecDrafter:
         corpus_depth: how deep the corpus's continuations may reach (they are not bound to the block depth).
         drawn_trees: when sampling, draft trees with drawn children and their distributions (rejection
             sampling; path-conditioned branches are not used in them) for rows without a lookup/corpus
-            continuation; False: best-first trees always (sample-and-follow). See ``docs/sampling.md``.
+            continuation; False (default): best-first trees always (sample-and-follow), which accepted more
+            with the shipped drafter (``docs/sampling.md``).
     """
 
     needs_hidden = True
 
     def __init__(self, model: ParallelDrafter, width: int = 4, max_depth: int | None = None,
                  path_branches: int = 0, step_fn: Callable | None = None, lookup_nodes: int | None = None,
-                 corpus: CorpusIndex | None = None, corpus_depth: int = 16, drawn_trees: bool = True):
+                 corpus: CorpusIndex | None = None, corpus_depth: int = 16, drawn_trees: bool = False):
         if path_branches < 0:
             raise ValueError(f"path_branches must be >= 0, got {path_branches}")
         if lookup_nodes is not None and lookup_nodes < 0:
