@@ -4,10 +4,14 @@ Every prompt runs each method in turn (A B C A B C ...), so drift of a shared ma
 the first prompt is a warm-up and not counted. Per prompt set it reports tokens/s, speedup ratios against HF
 ``generate`` (median, min, max over prompts), τ, the acceptance histogram and peak memory; it checks that every
 speculative output is token-identical to HF greedy output; it writes JSON, a Markdown table and PNG plots.
+With ``--sample T[,top_p]`` every method also runs sampled (rows ``*-sample``, seeded per prompt): their speedups
+are against HF sampling with the same warping, and sampled outputs are not compared token by token (the chi-square
+tests in ``tests/runtime/test_sampling.py`` are the proof that sampling is lossless).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -48,7 +52,22 @@ def add_bench_arguments(ap) -> None:
                          "by the warm-up prompt and reported separately")
     ap.add_argument("--no-assisted", action="store_true", help="skip HF prompt-lookup assisted generation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sample", default=None, metavar="T[,TOP_P]", type=parse_sample,
+                    help="also run HF and every speculative method sampled at temperature T (and top-p), as "
+                         "'*-sample' rows compared with HF sampling, e.g. --sample 0.7,0.9")
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and plots")
+
+
+def parse_sample(text: str) -> dict:
+    """``"T"`` or ``"T,top_p"`` → sampling keyword arguments for ``generate`` (top-k off, as given)."""
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or values[0] <= 0 or (len(values) == 2 and not 0 < values[1] <= 1):
+        raise argparse.ArgumentTypeError(f"--sample takes T or T,top_p with T > 0 and top_p in (0, 1], got {text!r}")
+    return {"do_sample": True, "temperature": values[0], "top_p": values[1] if len(values) == 2 else None}
 
 
 def _rss_mb() -> float:
@@ -56,7 +75,7 @@ def _rss_mb() -> float:
 
 
 def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]]], *, budgets=(8,),
-              max_new_tokens=128, assisted=True, progress=True, backends=("eager",)) -> dict:
+              max_new_tokens=128, assisted=True, progress=True, backends=("eager",), sample: dict | None = None) -> dict:
     """Run all methods interleaved over every prompt; returns the raw per-prompt records and summaries."""
 
     specs = {}
@@ -66,14 +85,18 @@ def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]
             specs[name] = optimize(model, drafter=drafter_factory(), budget=b if b == "auto" else int(b),
                                    max_cache_len=2048, backend=backend)
     methods = ["hf"] + (["hf-prompt-lookup"] if assisted else []) + list(specs)
-    records = run_interleaved(model, specs, prompt_sets, methods, max_new_tokens=max_new_tokens, progress=progress)
+    if sample is not None:
+        methods += ["hf-sample"] + [f"{name}-sample" for name in specs]
+    records = run_interleaved(model, specs, prompt_sets, methods, max_new_tokens=max_new_tokens, progress=progress,
+                              sample=sample)
     return {"methods": methods, "records": records, "summary": summarize(records, methods)}
 
 
 def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]], methods, *, max_new_tokens=128,
-                    progress=True) -> list[dict]:
-    """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup`` or a name in ``specs``); the first
-    prompt of each set is marked as warm-up. One record per run, with token-identity to HF's output."""
+                    progress=True, sample: dict | None = None) -> list[dict]:
+    """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup``, a name in ``specs``, or either with
+    ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is marked as warm-up. One record
+    per run, with token-identity to HF's greedy output (None for sampled runs)."""
     records = []
     total = sum(len(p) for p in prompt_sets.values()) * len(methods)
     bar = tqdm(total=total, desc="benchmark", unit="run", disable=not progress)
@@ -82,9 +105,13 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
             x = torch.tensor([ids])
             ref = None
             for method in methods:
+                sampled = method.endswith("-sample")
                 start = time.perf_counter()
                 with torch.no_grad():
-                    if method == "hf":
+                    if sampled:
+                        out = _generate_sampled(model, specs, method.removesuffix("-sample"), x, max_new_tokens,
+                                                sample, seed=i)
+                    elif method == "hf":
                         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                              do_sample=False)
                         ref = out
@@ -96,10 +123,11 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                 elapsed = time.perf_counter() - start
                 new = out.shape[1] - x.shape[1]
                 rec = {"set": set_name, "prompt": i, "method": method, "seconds": elapsed, "new_tokens": new,
-                       "tokens_per_second": new / elapsed, "identical": bool(torch.equal(out, ref)),
+                       "tokens_per_second": new / elapsed,
+                       "identical": None if sampled else bool(torch.equal(out, ref)),
                        "warmup": i == 0, "rss_mb": _rss_mb()}
-                if method in specs:
-                    st = specs[method].last_stats
+                if method.removesuffix("-sample") in specs:
+                    st = specs[method.removesuffix("-sample")].last_stats
                     rec.update(tau=st["tau"], histogram=st["acceptance_histogram"], trace=st.get("trace"),
                                budgets_used=st.get("budgets_used"),
                                draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"])
@@ -107,6 +135,14 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                 bar.update(1)
     bar.close()
     return records
+
+
+def _generate_sampled(model, specs: dict, method: str, x, max_new_tokens: int, sample: dict, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    if method == "hf":
+        torch.manual_seed(seed)  # HF sampling draws from the global generator
+        return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, top_k=0, **sample)
+    return specs[method].generate(x, max_new_tokens=max_new_tokens, generator=generator, **sample)
 
 
 def summarize(records: list[dict], methods: list[str]) -> dict:
@@ -119,15 +155,16 @@ def summarize(records: list[dict], methods: list[str]) -> dict:
             by_prompt.setdefault(r["prompt"], {})[r["method"]] = r
         out[s] = {}
         for m in methods:
-            ratios = [p[m]["tokens_per_second"] / p["hf"]["tokens_per_second"] for p in by_prompt.values()
-                      if m in p and "hf" in p]
+            base = "hf-sample" if m.endswith("-sample") else "hf"  # sampled runs against HF sampling
+            ratios = [p[m]["tokens_per_second"] / p[base]["tokens_per_second"] for p in by_prompt.values()
+                      if m in p and base in p]
             recs = [p[m] for p in by_prompt.values() if m in p]
             if not recs:
                 continue
             entry = {
                 "tokens_per_second": statistics.median(r["tokens_per_second"] for r in recs),
                 "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-                "all_identical": all(r["identical"] for r in recs),
+                "all_identical": None if m.endswith("-sample") else all(r["identical"] for r in recs),
             }
             if "tau" in recs[0]:
                 hist = Counter()
@@ -141,7 +178,7 @@ def summarize(records: list[dict], methods: list[str]) -> dict:
             out[s][m] = entry
         if "hf-prompt-lookup" in methods:
             for m in methods:
-                if m.startswith("jetspec") and m in out[s]:
+                if m.startswith("jetspec") and m in out[s] and not m.endswith("-sample"):
                     ratios = [p[m]["tokens_per_second"] / p["hf-prompt-lookup"]["tokens_per_second"]
                               for p in by_prompt.values() if m in p and "hf-prompt-lookup" in p]
                     out[s][m]["vs_prompt_lookup_median"] = statistics.median(ratios)
@@ -163,7 +200,7 @@ def markdown(summary: dict, methods: list[str]) -> str:
             tau = f"{e['tau']:.2f}" if "tau" in e else ""
             lines.append(f"| {s} | {m} | {e['tokens_per_second']:.1f} | {e['speedup_median']:.2f}× "
                          f"[{e['speedup_min']:.2f}, {e['speedup_max']:.2f}] | {vs} | {tau} | "
-                         f"{'yes' if e['all_identical'] else 'NO'} |")
+                         f"{'n/a' if e['all_identical'] is None else 'yes' if e['all_identical'] else 'NO'} |")
     lines.append(f"\nPeak process RSS: {summary['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
 
@@ -259,7 +296,7 @@ def run_bench_cli(args) -> None:
                  else load_prompts(name, "test", args.limit + 1))
         sets[Path(name).stem] = [encode_chat(tok, t) for t in texts]
     result = run_bench(model, tok, factory, sets, budgets=args.budgets, max_new_tokens=args.max_new_tokens,
-                       assisted=not args.no_assisted, backends=args.backends)
+                       assisted=not args.no_assisted, backends=args.backends, sample=args.sample)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))

@@ -25,3 +25,31 @@ def test_summary_ratios_skip_warmup_and_plots_are_written(tmp_path):
     assert "| s | jetspec-b8 |" in markdown(summary, methods)
     paths = plot({"summary": summary, "methods": methods, "records": records()}, tmp_path)
     assert len(paths) == 4 and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_sampled_rows_are_compared_with_hf_sampling():
+    import argparse
+
+    import pytest
+
+    from jetspec_compile.bench import parse_sample
+
+    out = []
+    for prompt in range(3):
+        for method, tps in (("hf", 10.0), ("jetspec-b8", 20.0), ("hf-sample", 5.0), ("jetspec-b8-sample", 9.0)):
+            rec = {"set": "s", "prompt": prompt, "method": method, "seconds": 2.0, "new_tokens": 20,
+                   "tokens_per_second": tps, "identical": None if method.endswith("-sample") else True,
+                   "warmup": prompt == 0, "rss_mb": 100.0}
+            if method.startswith("jetspec"):
+                rec.update(tau=2.0, histogram={"2": 3}, draft_seconds=0.1, verify_seconds=1.5)
+            out.append(rec)
+    methods = ["hf", "jetspec-b8", "hf-sample", "jetspec-b8-sample"]
+    summary = summarize(out, methods)
+    assert summary["s"]["jetspec-b8"]["speedup_median"] == 2.0
+    assert summary["s"]["jetspec-b8-sample"]["speedup_median"] == 1.8  # 9 / 5, not 9 / 10
+    assert "| s | jetspec-b8-sample |" in markdown(summary, methods) and "n/a" in markdown(summary, methods)
+    assert parse_sample("0.7,0.9") == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    assert parse_sample("1")["top_p"] is None
+    for bad in ("0", "0.7,1.5", "hot"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--sample takes"):
+            parse_sample(bad)

@@ -16,7 +16,10 @@ quarters of it), whenever the context repeats: text the drafter has no reason to
 prompt) costs no extra forward. With a ``corpus`` (:class:`~jetspec_compile.drafter.corpus.CorpusIndex`, the
 target's own responses to training prompts) the corpus's continuations of the context are merged with the
 drafter's tree by score first: the target's stock phrases, which a small drafter predicts a token or two at a
-time.
+time. When the runtime samples (``set_sampling``) and ``drawn_trees`` is on, a row whose context gives no lookup
+or corpus continuation gets a tree of children drawn from the drafter's warped distributions with those
+distributions attached (:func:`~jetspec_compile.drafter.drawn_tree.drawn_tree`), so the runtime applies recursive
+rejection sampling; rows with a continuation keep the deterministic tree (sample-and-follow). Both are lossless.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from ..tree import TreeSpec
 from .corpus import CorpusIndex
+from .drawn_tree import drawn_tree
 from .model import ParallelDrafter
 from .ngram import NGramDrafter
 from .protocol import DraftTree
@@ -57,18 +61,24 @@ class JetSpecDrafter:
         corpus: a :class:`~jetspec_compile.drafter.corpus.CorpusIndex` of the target's own responses; its
             continuations of the context are merged into the drafter's tree by score (None = off).
         corpus_depth: how deep the corpus's continuations may reach (they are not bound to the block depth).
+        drawn_trees: when sampling, draft trees with drawn children and their distributions (rejection
+            sampling; path-conditioned branches are not used in them) for rows without a lookup/corpus
+            continuation; False (default): best-first trees always (sample-and-follow), which accepted more
+            with the shipped drafter (``docs/sampling.md``).
     """
 
     needs_hidden = True
 
     def __init__(self, model: ParallelDrafter, width: int = 4, max_depth: int | None = None,
                  path_branches: int = 0, step_fn: Callable | None = None, lookup_nodes: int | None = None,
-                 corpus: CorpusIndex | None = None, corpus_depth: int = 16):
+                 corpus: CorpusIndex | None = None, corpus_depth: int = 16, drawn_trees: bool = False):
         if path_branches < 0:
             raise ValueError(f"path_branches must be >= 0, got {path_branches}")
         if lookup_nodes is not None and lookup_nodes < 0:
             raise ValueError(f"lookup_nodes must be >= 0 (or None: three quarters of the budget), got {lookup_nodes}")
         self.lookup_nodes = lookup_nodes
+        self.drawn_trees = drawn_trees
+        self.sampling = None  # the runtime's SamplingParams while it samples (set_sampling), else None
         self.corpus = corpus
         self.corpus_source = CorpusSource(corpus, corpus_depth) if corpus is not None else None
         self.lookup = NGramDrafter(max_ngram=3, min_ngram=2, continuation=lookup_nodes or MAX_LOOKUP_NODES,
@@ -97,6 +107,10 @@ class JetSpecDrafter:
         clone.lookup = copy.deepcopy(self.lookup)
         clone.corpus_source = copy.copy(self.corpus_source)
         return clone
+
+    def set_sampling(self, params) -> None:
+        """Called by the runtime before ``begin``: its sampling parameters (``do_sample`` True), or None (greedy)."""
+        self.sampling = params if params is not None and params.do_sample else None
 
     def _append(self, row: int, hidden: torch.Tensor) -> None:
         if hidden.shape[0]:
@@ -165,6 +179,15 @@ class JetSpecDrafter:
         for row, root in enumerate(roots):
             root = int(root)
             logprobs = self.depth_logprobs(row, root)
+            found = self.corpus_source.trie(row, root, budget) if self.corpus_source is not None and budget > 1 \
+                else None
+            lookup = self.lookup.trie(row, root, nodes + 1) if nodes else None
+            if self.sampling is not None and self.drawn_trees and (found is None or len(found) <= 1) and \
+                    (lookup is None or len(lookup) <= 1):
+                s = self.sampling
+                out.append(drawn_tree(root, logprobs, budget, self.width, s.temperature, s.top_k, s.top_p, s.generator,
+                                      self.model.draft_vocab, self.vocab_size))
+                continue
             branches = None
             k = min(self.path_branches, self.width, budget - 1)
             if k > 0 and self.max_depth > 1:
@@ -176,15 +199,11 @@ class JetSpecDrafter:
             tokens, tree, scores = best_first_tree(root, logprobs, budget, self.width, branches, with_scores=True)
             if self._vocab is not None:
                 tokens = (root,) + tuple(self._vocab[i] for i in tokens[1:])
-            if self.corpus_source is not None and budget > 1:
-                found = self.corpus_source.trie(row, root, budget)
-                if len(found) > 1:
-                    trie = Trie.from_tree(tokens, tree, scores)
-                    trie.merge(found)
-                    tokens, tree = trie.best(budget)
-            if nodes:
-                lookup = self.lookup.trie(row, root, nodes + 1)
-                if len(lookup) > 1:
-                    tokens, tree = graft(tokens, tree, lookup.tokens, TreeSpec(tuple(lookup.parents)), budget)
+            if found is not None and len(found) > 1:
+                trie = Trie.from_tree(tokens, tree, scores)
+                trie.merge(found)
+                tokens, tree = trie.best(budget)
+            if lookup is not None and len(lookup) > 1:
+                tokens, tree = graft(tokens, tree, lookup.tokens, TreeSpec(tuple(lookup.parents)), budget)
             out.append(DraftTree(tokens, tree))
         return out

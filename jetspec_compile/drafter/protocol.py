@@ -16,7 +16,9 @@ A drafter proposes one :class:`DraftTree` per batch row per step. The runtime ca
 A drafter may give ``probs`` with its tree: ``probs[i]`` is the distribution that node ``i``'s children were
 drawn from *without replacement, in child order*. Then sampling uses multi-branch recursive rejection sampling
 (more tokens accepted); without ``probs`` it samples the target at each node and follows a matching child.
-Both are lossless. Greedy decoding never needs ``probs``.
+Both are lossless. Greedy decoding never needs ``probs``. A drafter may define ``set_sampling(params)``: the
+runtime calls it before ``begin`` with its ``SamplingParams`` (temperature, top-k, top-p, generator), so the
+drafter can draw children from its own distribution warped like the target's.
 """
 
 from __future__ import annotations

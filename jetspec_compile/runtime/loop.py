@@ -17,8 +17,9 @@ import torch
 
 from ..drafter.protocol import DraftTree
 from ..tree import pad_tree
-from .acceptance import accept_greedy, accept_rejection, accept_sample_follow, warp_logits
+from .acceptance import accept_greedy
 from .budget import BudgetController
+from .sampling import accept_sampled, draw, warp_dense
 from .verifier import TreeVerifier
 
 __all__ = ["SamplingParams", "speculative_generate"]
@@ -45,8 +46,8 @@ class SamplingParams:
         """First token of each row from the prefill logits [B, V]."""
         if not self.do_sample:
             return logits.argmax(-1).tolist()
-        probs = warp_logits(logits, self.temperature, self.top_k, self.top_p)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].tolist()
+        probs = warp_dense(logits, self.temperature, self.top_k, self.top_p)
+        return draw(probs, torch.rand(probs.shape[0], generator=self.generator).to(probs.device)).tolist()
 
 
 def draft(drafter, roots: list[int], budget: int) -> list[DraftTree]:
@@ -78,15 +79,7 @@ def accept(logits: torch.Tensor, trees: list[DraftTree], params: SamplingParams)
     if not params.do_sample:
         target = logits.argmax(-1).tolist()  # [B, n]: the one host sync of a greedy step
         return [accept_greedy(target[r], t.tree, t.tokens) for r, t in enumerate(trees)]
-    out = []
-    for r, t in enumerate(trees):
-        n = len(t.tokens)
-        probs = warp_logits(logits[r, :n], params.temperature, params.top_k, params.top_p)  # [n, V]
-        if t.probs is not None:
-            out.append(accept_rejection(probs, t.probs.to(probs.device), t.tree, t.tokens, params.generator))
-        else:
-            out.append(accept_sample_follow(probs, t.tree, t.tokens, params.generator))
-    return out
+    return accept_sampled(logits, trees, params.temperature, params.top_k, params.top_p, params.generator)
 
 
 def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -131,6 +124,8 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
     real = attention_mask.bool()
     prompts = [input_ids[r][real[r]].tolist() for r in range(batch)]
     need_hidden = getattr(drafter, "needs_hidden", False)
+    if callable(getattr(drafter, "set_sampling", None)):  # optional: drafters that shape trees for sampling
+        drafter.set_sampling(params)
     drafter.begin(prompts, [hidden[r][real[r]] for r in range(batch)] if need_hidden else None)
     roots = params.pick(logits)
     for r in range(batch):

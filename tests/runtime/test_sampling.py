@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import jetspec_compile as js
 from jetspec_compile.drafter import DraftTree, NGramDrafter
-from jetspec_compile.runtime import acceptance, loop
+from jetspec_compile.runtime import sampling
 from jetspec_compile.runtime.acceptance import warp_logits
 from jetspec_compile.tree import TreeSpec
 
@@ -83,11 +83,11 @@ def exact_joint(model, temperature, top_k, top_p):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sampled_counts(spec, temperature, top_k, top_p, seed=0):
+def sampled_counts(spec, temperature, top_k, top_p, seed=0, rounds=ROUNDS):
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(V, V, V)
     ids = torch.tensor([PROMPT] * ROWS)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         out = spec.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, top_k=top_k,
                             top_p=top_p, generator=g)
         for a, b, c in out[:, len(PROMPT):].tolist():
@@ -118,13 +118,16 @@ def test_sampling_matches_target_distribution(drafter_kind, temperature, top_k, 
 
 
 def test_biased_acceptance_is_detected(monkeypatch):
-    def always_accept(probs, draft_probs, tree, tokens, generator=None):
-        kids = acceptance.children_of(tree)
-        if kids[0] and probs[0, tokens[kids[0][0]]] > 0:  # accept the first child whenever possible: biased to q
-            return [0, kids[0][0]], int(torch.multinomial(probs[kids[0][0]], 1, generator=generator))
-        return [0], int(torch.multinomial(probs[0], 1, generator=generator))
+    real_reject = sampling._reject
 
-    monkeypatch.setattr(loop, "accept_rejection", always_accept)
+    def always_accept(probs, ids, q, child_tokens, child_valid, u):
+        """Accept the first child whenever the target allows it: biased towards q."""
+        accepted, residual, bad = real_reject(probs, ids, q, child_tokens, child_valid, u)
+        col, inside = sampling._column_of(ids, child_tokens[:, :1])
+        possible = child_valid[:, 0] & inside[:, 0] & (probs.gather(-1, col)[:, 0] > 0)
+        return torch.where(possible, 0, accepted), residual, bad
+
+    monkeypatch.setattr(sampling, "_reject", always_accept)
     spec = js.optimize(tiny_model(), drafter=SamplingDrafter(), budget=16, max_cache_len=48)
     counts = sampled_counts(spec, 1.0, None, None)
     assert p_value(counts, exact_joint(spec.model, 1.0, None, None)) < ALPHA
@@ -138,3 +141,82 @@ def test_warp_matches_hf_logits_processors():
     scores = TopKLogitsWarper(10)(None, scores)
     scores = TopPLogitsWarper(0.8)(None, scores)
     torch.testing.assert_close(warp_logits(logits, 0.7, 10, 0.8), scores.softmax(-1))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, 0.9), (1.0, 20, None), (0.5, 200, 0.95),
+                                                       (1.3, None, 0.99), (0.7, None, None)])
+def test_batched_warp_matches_hf_on_a_large_vocabulary(temperature, top_k, top_p):
+    """Candidates widen where the nucleus is wide (flat rows), so every row matches HF's full-sort warpers."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * torch.tensor([[8.0], [4.0], [2.0], [1.0], [0.3], [0.05]])
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    torch.testing.assert_close(sampling.warp_dense(logits, temperature, top_k, top_p), scores.softmax(-1))
+
+
+def test_draw_never_picks_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    picked = sampling.draw(probs, torch.tensor([0.0, 0.25, 0.5, 1.0 - 1e-7]))
+    assert picked.tolist() == [1, 1, 3, 3]
+
+
+def test_drawn_parallel_drafter_trees_match_target_distribution():
+    """A parallel drafter (random weights, the shipped drafter's shape: taps, a block, a draft vocabulary) draws
+    its trees when sampling; the trees carry probs, acceptance is rejection sampling, the output is the target's."""
+    from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
+
+    target = tiny_model()
+    torch.manual_seed(5)
+    cfg = DrafterConfig.for_target(target.config, (0, 1), num_layers=1, block_size=4, target_name="tiny")
+    net = ParallelDrafter(cfg, target.get_input_embeddings(), target.get_output_embeddings())
+    net = net.restrict_vocab([6, 2, 5, 0, 7, 1]).eval()  # token 3 and 4 are never drafted
+    drawn = []
+
+    class Recording(JetSpecDrafter):
+        def draft(self, roots, budget):
+            trees = super().draft(roots, budget)
+            drawn.extend(t.probs is not None and len(t.tokens) > 1 for t in trees)
+            return trees
+
+    spec = js.attach_drafter(target, Recording(net, width=3, lookup_nodes=0, drawn_trees=True), budget=6, max_cache_len=48)
+    temperature, top_k, top_p = 0.7, 5, 0.9
+    counts = sampled_counts(spec, temperature, top_k, top_p, rounds=ROUNDS // 2)  # one drafter forward per row
+    assert drawn and all(drawn)
+    assert p_value(counts, exact_joint(target, temperature, top_k, top_p)) > ALPHA
+    assert spec.last_stats["tau"] > 1.0
+
+
+@pytest.mark.parametrize("support", ["dense", "top-p"])
+def test_one_node_rejection_outcome_is_the_target_distribution(support):
+    """Many independent nodes in one call: the emitted token (accepted child, else the residual draw) is ~ p."""
+    g = torch.Generator().manual_seed(1)
+    nodes, vocab, kids = 20000, 12, 3
+    logits = torch.randn(vocab, generator=g).expand(nodes, vocab) * 2
+    q = torch.softmax(torch.randn(vocab, generator=g) * 2, -1).expand(nodes, vocab).contiguous()
+    top_p = 0.8 if support == "top-p" else None
+    probs, ids, _ = sampling.warp_top(logits, 0.9, None, top_p, candidates=8)
+    gumbel = -torch.log(-torch.log(torch.rand(nodes, vocab, generator=g)))
+    children = (q.log() + gumbel).topk(kids, dim=-1).indices  # without replacement from q, in draw order
+    u = torch.rand(nodes, kids + 1, generator=g)
+    accepted, residual, bad = sampling._reject(probs, ids, q, children, torch.ones_like(children, dtype=torch.bool),
+                                               u[:, 1:])
+    bonus = sampling.draw(residual, u[:, 0])
+    bonus = bonus if ids is None else ids.gather(-1, bonus[:, None])[:, 0]
+    out = torch.where(accepted >= 0, children.gather(-1, accepted.clamp(min=0)[:, None])[:, 0], bonus)
+    assert not bad.any() and (accepted >= 0).float().mean() > 0.3
+    target = sampling.warp_dense(logits[:1], 0.9, None, top_p)[0]
+
+    def follows_target(tokens):
+        counts = torch.bincount(tokens, minlength=vocab).float()
+        if counts[target == 0].sum() > 0:
+            return False
+        keep = target > 0
+        return chisquare(counts[keep].numpy(), (target[keep] * nodes).numpy()).pvalue > ALPHA
+
+    assert follows_target(out)
+    assert not follows_target(torch.where(accepted >= 0, out, children[:, 0]))  # planted bias: first child kept
