@@ -81,6 +81,20 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+@contextlib.contextmanager
+def attempt(res: "Results", stage: str, table: str, **keys):
+    """Run one measurement; a failure becomes a row (and its traceback a note) and the stage goes on."""
+    try:
+        yield
+    except StageTimeout:
+        raise
+    except Exception as e:
+        if "StageTimeout" in str(e):  # raised inside a library that wrapped it (Inductor does)
+            raise StageTimeout(f"ran past its limit inside {type(e).__name__}") from e
+        res.row(stage, table, **keys, status=f"FAIL {type(e).__name__}: {str(e)[:300]}")
+        res.note(stage, "traceback of that failure: " + traceback.format_exc()[-1500:].replace("\n", " | "))
+
+
 class Results:
     """Everything measured so far; written to JSON and Markdown after every row (atomically)."""
 
@@ -208,6 +222,16 @@ class Ctx:
         return model.to(self.device), AutoTokenizer.from_pretrained(path)
 
 
+def shipped_drafter(model):
+    """The shipped SmolLM2 drafter on the target's device (its weights load on the CPU; the embedding and head it
+    shares with the target are already there)."""
+    from jetspec_compile.drafter import load_jetspec_drafter
+
+    drafter = load_jetspec_drafter("smollm2", model)
+    drafter.model.to(next(model.parameters()).device)
+    return drafter
+
+
 def tiny(family: str, ctx: Ctx, dtype=torch.float32):
     from tests.families import make_model
 
@@ -254,19 +278,20 @@ def stage_kernel(ctx: Ctx, res: Results) -> None:
         sizes = [(n, length) for length in (1024, 4096) for n in (16, 64, 256)]
         shape, dtype, reps = dict(heads=32, kv_heads=8, head_dim=128), torch.bfloat16, 30
     for n, length in sizes:
-        args = to_device(make_case(n=n, length=length, kind="deep", dtype=dtype, **shape), ctx.device)
-        q, k, v, valid, cache_pos, slots, tree_mask, positions, window, scale = args
-        mask = tree_attention_mask(tree_mask, valid, cache_pos, slots, positions, None, q.dtype)
+        with attempt(res, "kernel", table, nodes=n, cache=length):
+            args = to_device(make_case(n=n, length=length, kind="deep", dtype=dtype, **shape), ctx.device)
+            q, k, v, valid, cache_pos, slots, tree_mask, positions, window, scale = args
+            mask = tree_attention_mask(tree_mask, valid, cache_pos, slots, positions, None, q.dtype)
 
-        def sdpa_only():
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            def sdpa_only():
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
-        op_ms = ctx.timed(lambda: torch.ops.jetspec.tree_attention(*args), reps) * 1e3
-        dense_ms = ctx.timed(lambda: tree_attention_reference(*args), reps) * 1e3
-        sdpa_ms = ctx.timed(sdpa_only, reps) * 1e3
-        res.row("kernel", table, nodes=n, cache=length, dtype=str(dtype)[6:],
-                op_kernel="triton" if ctx.cuda else "reference (CPU)", op_ms=op_ms, mask_and_sdpa_ms=dense_ms,
-                sdpa_given_mask_ms=sdpa_ms, speedup_vs_mask_and_sdpa=dense_ms / op_ms)
+            op_ms = ctx.timed(lambda: torch.ops.jetspec.tree_attention(*args), reps) * 1e3
+            dense_ms = ctx.timed(lambda: tree_attention_reference(*args), reps) * 1e3
+            sdpa_ms = ctx.timed(sdpa_only, reps) * 1e3
+            res.row("kernel", table, nodes=n, cache=length, dtype=str(dtype)[6:],
+                    op_kernel="triton" if ctx.cuda else "reference (CPU)", op_ms=op_ms, mask_and_sdpa_ms=dense_ms,
+                    sdpa_given_mask_ms=sdpa_ms, speedup_vs_mask_and_sdpa=dense_ms / op_ms)
 
 
 # -- stage: lossless --------------------------------------------------------------------------------------------
@@ -285,14 +310,15 @@ def stage_lossless(ctx: Ctx, res: Results) -> None:
     table = "tiny families, n-gram drafter, greedy vs model.generate"
     for family in families:
         for dtype in (torch.float32, torch.bfloat16):
-            t = time.perf_counter()
-            spec = js.optimize(tiny(family, ctx, dtype), budget=16, max_cache_len=128, fallback=fallback)
-            prompts = [torch.tensor(p, device=ctx.device) for p in TINY_PROMPTS[:2 if ctx.quick else 3]]
-            report = js.check_lossless(spec, prompts, max_new_tokens=new_tokens)
-            _lossless_row(res, "lossless", table, report, time.perf_counter() - t, family=family,
-                          dtype=str(dtype)[6:], tau=spec.last_stats.get("tau"))
-            if not report.within_tolerance:
-                res.note("lossless", f"{family} {dtype}: {report}")
+            with attempt(res, "lossless", table, family=family, dtype=str(dtype)[6:]):
+                t = time.perf_counter()
+                spec = js.optimize(tiny(family, ctx, dtype), budget=16, max_cache_len=128, fallback=fallback)
+                prompts = [torch.tensor(p, device=ctx.device) for p in TINY_PROMPTS[:2 if ctx.quick else 3]]
+                report = js.check_lossless(spec, prompts, max_new_tokens=new_tokens)
+                _lossless_row(res, "lossless", table, report, time.perf_counter() - t, family=family,
+                              dtype=str(dtype)[6:], tau=spec.last_stats.get("tau"))
+                if not report.within_tolerance:
+                    res.note("lossless", f"{family} {dtype}: {report}")
 
     table = "real target with the shipped drafter, greedy vs model.generate"
     path, reason = ctx.target()
@@ -302,43 +328,42 @@ def stage_lossless(ctx: Ctx, res: Results) -> None:
     elif path is None:
         res.row("lossless", table, model="SmolLM2", status=f"skipped: {reason}")
     else:
-        from jetspec_compile.drafter import load_jetspec_drafter
-
         for dtype in (torch.float32, torch.bfloat16):
-            t = time.perf_counter()
-            model, tok = ctx.load_target(dtype)
-            drafter = load_jetspec_drafter("smollm2", model)
-            spec = js.optimize(model, drafter=drafter, budget=32, max_cache_len=1024)
-            prompts = [torch.tensor(p, device=ctx.device)
-                       for p in list(_prompt_sets(tok, 2, res, "lossless").values())[0]]
-            report = js.check_lossless(spec, prompts, max_new_tokens=64)
-            _lossless_row(res, "lossless", table, report, time.perf_counter() - t, model=path.name,
-                          dtype=str(dtype)[6:], tau=spec.last_stats.get("tau"))
-            if not report.ok:
-                res.note("lossless", f"{path.name} {dtype}: {report}")
+            with attempt(res, "lossless", table, model=path.name, dtype=str(dtype)[6:]):
+                t = time.perf_counter()
+                model, tok = ctx.load_target(dtype)
+                spec = js.optimize(model, drafter=shipped_drafter(model), budget=32, max_cache_len=1024)
+                prompts = [torch.tensor(p, device=ctx.device)
+                           for p in list(_prompt_sets(tok, 2, res, "lossless").values())[0]]
+                report = js.check_lossless(spec, prompts, max_new_tokens=64)
+                _lossless_row(res, "lossless", table, report, time.perf_counter() - t, model=path.name,
+                              dtype=str(dtype)[6:], tau=spec.last_stats.get("tau"))
+                if not report.ok:
+                    res.note("lossless", f"{path.name} {dtype}: {report}")
 
     table = "sampling: chi-square of the first three tokens against the target's exact joint"
     from tests.runtime import test_sampling as ts
 
     rounds = 6 if ctx.quick else ts.ROUNDS  # fewer than ~1000 samples leave too few cells for the test
     for kind, temperature, top_k, top_p in [("rejection", 1.0, None, None), ("follow", 0.7, 5, 0.9)]:
-        t = time.perf_counter()
-        cpu_model = ts.tiny_model()
-        drafter = ts.SamplingDrafter() if kind == "rejection" else js.NGramDrafter(min_ngram=1)
-        spec = js.optimize(copy.deepcopy(cpu_model).to(ctx.device), drafter=drafter, budget=16, max_cache_len=48,
-                           fallback=fallback)
-        torch.manual_seed(0)  # the global generators (a generator= argument must live on the sampling device)
-        counts = torch.zeros(ts.V, ts.V, ts.V)
-        ids = torch.tensor([ts.PROMPT] * ts.ROWS, device=ctx.device)
-        for _ in range(rounds):
-            out = spec.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, top_k=top_k,
-                                top_p=top_p)
-            for a, b, c in out[:, len(ts.PROMPT):].tolist():
-                counts[a, b, c] += 1
-        p = ts.p_value(counts, ts.exact_joint(cpu_model, temperature, top_k, top_p))
-        res.row("lossless", table, drafter=kind, temperature=temperature, top_k=top_k, top_p=top_p,
-                samples=int(counts.sum()), p_value=float(p), passed=bool(p > ts.ALPHA),
-                tau=spec.last_stats.get("tau"), seconds=time.perf_counter() - t)
+        with attempt(res, "lossless", table, drafter=kind):
+            t = time.perf_counter()
+            cpu_model = ts.tiny_model()
+            drafter = ts.SamplingDrafter() if kind == "rejection" else js.NGramDrafter(min_ngram=1)
+            spec = js.optimize(copy.deepcopy(cpu_model).to(ctx.device), drafter=drafter, budget=16, max_cache_len=48,
+                               fallback=fallback)
+            torch.manual_seed(0)  # the global generators (a generator= argument must live on the sampling device)
+            counts = torch.zeros(ts.V, ts.V, ts.V)
+            ids = torch.tensor([ts.PROMPT] * ts.ROWS, device=ctx.device)
+            for _ in range(rounds):
+                out = spec.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, top_k=top_k,
+                                    top_p=top_p)
+                for a, b, c in out[:, len(ts.PROMPT):].tolist():
+                    counts[a, b, c] += 1
+            p = ts.p_value(counts, ts.exact_joint(cpu_model, temperature, top_k, top_p))
+            res.row("lossless", table, drafter=kind, temperature=temperature, top_k=top_k, top_p=top_p,
+                    samples=int(counts.sum()), p_value=float(p), passed=bool(p > ts.ALPHA),
+                    tau=spec.last_stats.get("tau"), seconds=time.perf_counter() - t)
 
 
 def _prompt_sets(tok, limit: int, res: Results, stage: str) -> dict[str, list[list[int]]]:
@@ -370,22 +395,23 @@ def stage_inductor(ctx: Ctx, res: Results) -> None:
     if backend != "inductor":
         res.note("inductor", f"quick CPU run: backend {backend} in place of inductor (this stage's code only)")
     for family, dtype in runs:
-        before = dict(inductor.STATS)
-        spec = js.optimize(tiny(family, ctx, dtype), budget=budget, max_cache_len=128, backend=backend,
-                           fallback=not ctx.quick)
-        prompts = [torch.tensor(p, device=ctx.device) for p in TINY_PROMPTS]
-        t = time.perf_counter()
-        spec.generate(prompts[0][None], max_new_tokens=8)  # captures and compiles every graph it meets
-        first = time.perf_counter() - t
-        compiles = inductor.STATS["compiles"] - before["compiles"]
-        report = js.check_lossless(spec, prompts, max_new_tokens=8 if ctx.quick else 24)
-        graphs = len(spec.verifier(1)._graphs)
-        res.row("inductor", table, backend=backend, family=family, dtype=str(dtype)[6:],
-                budgets=str(spec.config.budgets),
-                graphs=graphs, compiles_first_call=compiles,
-                compiles_after=inductor.STATS["compiles"] - before["compiles"] - compiles,
-                tree_attention_ops=inductor.STATS["tree_attention_ops"] if ctx.cuda else "n/a (CPU: SDPA)",
-                first_generate_s=first, identical=report.ok, within_promise=report.within_tolerance)
+        with attempt(res, "inductor", table, family=family, dtype=str(dtype)[6:]):
+            before = dict(inductor.STATS)
+            spec = js.optimize(tiny(family, ctx, dtype), budget=budget, max_cache_len=128, backend=backend,
+                               fallback=not ctx.quick)
+            prompts = [torch.tensor(p, device=ctx.device) for p in TINY_PROMPTS]
+            t = time.perf_counter()
+            spec.generate(prompts[0][None], max_new_tokens=8)  # captures and compiles every graph it meets
+            first = time.perf_counter() - t
+            compiles = inductor.STATS["compiles"] - before["compiles"]
+            report = js.check_lossless(spec, prompts, max_new_tokens=8 if ctx.quick else 24)
+            graphs = len(spec.verifier(1)._graphs)
+            res.row("inductor", table, backend=backend, family=family, dtype=str(dtype)[6:],
+                    budgets=str(spec.config.budgets),
+                    graphs=graphs, compiles_first_call=compiles,
+                    compiles_after=inductor.STATS["compiles"] - before["compiles"] - compiles,
+                    tree_attention_ops=inductor.STATS["tree_attention_ops"] if ctx.cuda else "n/a (CPU: SDPA)",
+                    first_generate_s=first, identical=report.ok, within_promise=report.within_tolerance)
 
 
 # -- stage: verify_cost -----------------------------------------------------------------------------------------
@@ -436,27 +462,28 @@ def stage_verify_cost(ctx: Ctx, res: Results) -> None:
     for backend, ns in sizes.items():
         last_build = 0.0
         for n in ns:
-            if ctx.time_left() < 2 * last_build + 5:
-                res.note("verify_cost", f"{backend}: stopped before {n} nodes, {ctx.time_left():.0f} s left")
-                break
-            t = time.perf_counter()
-            v = TreeVerifier(model, max_cache_len=context + 2 * max(ns) + 64, num_nodes=n, self_check=False,
-                             compile_fn=lower(backend), prefill_chunk=n)
-            v.prefill(prompt)
-            tree = TreeSpec.chain(1) if n == 1 else TreeSpec((-1,) + tuple(i // 4 for i in range(n - 1)))
-            tokens = torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(ctx.device)
+            with attempt(res, "verify_cost", table, backend=backend, nodes=n):
+                if ctx.time_left() < 2 * last_build + 5:
+                    res.note("verify_cost", f"{backend}: stopped before {n} nodes, {ctx.time_left():.0f} s left")
+                    break
+                t = time.perf_counter()
+                v = TreeVerifier(model, max_cache_len=context + 2 * max(ns) + 64, num_nodes=n, self_check=False,
+                                 compile_fn=lower(backend), prefill_chunk=n)
+                v.prefill(prompt)
+                tree = TreeSpec.chain(1) if n == 1 else TreeSpec((-1,) + tuple(i // 4 for i in range(n - 1)))
+                tokens = torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(ctx.device)
 
-            def verify():
-                v.verify(tokens, tree)
-                v._pending = None  # discarded: the committed length stays
+                def verify():
+                    v.verify(tokens, tree)
+                    v._pending = None  # discarded: the committed length stays
 
-            verify()
-            ctx.sync()
-            last_build = time.perf_counter() - t
-            ms = ctx.timed(verify, reps) * 1e3
-            res.row("verify_cost", table, backend=backend, nodes=n, ms=ms, ratio_vs_decode_step=ms / hf_ms,
-                    build_and_first_call_s=last_build)
-            del v
+                verify()
+                ctx.sync()
+                last_build = time.perf_counter() - t
+                ms = ctx.timed(verify, reps) * 1e3
+                res.row("verify_cost", table, backend=backend, nodes=n, ms=ms, ratio_vs_decode_step=ms / hf_ms,
+                        build_and_first_call_s=last_build)
+                del v
 
 
 # -- stage: end_to_end ------------------------------------------------------------------------------------------
@@ -492,10 +519,8 @@ def stage_end_to_end(ctx: Ctx, res: Results) -> None:
         if path is None:
             res.row("end_to_end", "HF generate against jetspec", status=f"skipped: {reason}")
             return
-        from jetspec_compile.drafter import load_jetspec_drafter
-
         model, tok = ctx.load_target(torch.bfloat16 if ctx.cuda else torch.float32)
-        drafter = load_jetspec_drafter("smollm2", model)
+        drafter = shipped_drafter(model)
         sets = _prompt_sets(tok, 8, res, "end_to_end")
         budgets, batches, per_set, new, make_drafter = [16, 32, 64, "auto"], [1, 8], 3, 96, (lambda: drafter)
     res.note("end_to_end", f"model {model.config.model_type} {next(model.parameters()).dtype}, {new} new tokens, "
@@ -511,48 +536,49 @@ def stage_end_to_end(ctx: Ctx, res: Results) -> None:
         return specs[method].generate(ids, mask, max_new_tokens=tokens)
 
     for batch in batches:
-        records = []
-        first = list(sets.values())[0]
-        warm = _left_pad((first * batch)[:batch], pad, ctx.device)
-        with torch.no_grad():
-            for method in ["hf"] + list(specs):  # captures (and compiles) this batch size's graphs, untimed
-                run(method, *warm, 4)
-        for set_name, prompts in sets.items():
-            groups = [[p] for p in prompts[:per_set]] if batch == 1 else [(prompts * batch)[:batch]]
-            for i, group in enumerate(groups):
-                if ctx.time_left() < 10:
-                    res.note("end_to_end", f"batch {batch}, {set_name}: stopped at prompt {i}, time limit")
-                    break
-                ids, mask = _left_pad(group, pad, ctx.device)
-                ref = None
-                for method in ["hf"] + list(specs):
-                    ctx.sync()
-                    t = time.perf_counter()
-                    with torch.no_grad():
-                        out = run(method, ids, mask, new)
-                    ctx.sync()
-                    elapsed = time.perf_counter() - t
-                    rows = _new_tokens(out, ids.shape[1], eos)
-                    ref = rows if method == "hf" else ref
-                    rec = {"set": set_name, "prompt": i, "method": method, "seconds": elapsed,
-                           "new_tokens": sum(map(len, rows)), "tokens_per_second": sum(map(len, rows)) / elapsed,
-                           "identical": rows == ref, "warmup": False, "rss_mb": 0.0}
-                    if method != "hf":
-                        st = specs[method].last_stats
-                        rec.update(tau=st["tau"], histogram=st["acceptance_histogram"],
-                                   draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"])
-                    records.append(rec)
-        if not records:
-            continue
-        methods = ["hf"] + list(specs)
-        summary = summarize(records, methods)
-        for set_name, entries in summary.items():
-            if not isinstance(entries, dict):
+        with attempt(res, "end_to_end", f"batch {batch}", batch=batch):
+            records = []
+            first = list(sets.values())[0]
+            warm = _left_pad((first * batch)[:batch], pad, ctx.device)
+            with torch.no_grad():
+                for method in ["hf"] + list(specs):  # captures (and compiles) this batch size's graphs, untimed
+                    run(method, *warm, 4)
+            for set_name, prompts in sets.items():
+                groups = [[p] for p in prompts[:per_set]] if batch == 1 else [(prompts * batch)[:batch]]
+                for i, group in enumerate(groups):
+                    if ctx.time_left() < 10:
+                        res.note("end_to_end", f"batch {batch}, {set_name}: stopped at prompt {i}, time limit")
+                        break
+                    ids, mask = _left_pad(group, pad, ctx.device)
+                    ref = None
+                    for method in ["hf"] + list(specs):
+                        ctx.sync()
+                        t = time.perf_counter()
+                        with torch.no_grad():
+                            out = run(method, ids, mask, new)
+                        ctx.sync()
+                        elapsed = time.perf_counter() - t
+                        rows = _new_tokens(out, ids.shape[1], eos)
+                        ref = rows if method == "hf" else ref
+                        rec = {"set": set_name, "prompt": i, "method": method, "seconds": elapsed,
+                               "new_tokens": sum(map(len, rows)), "tokens_per_second": sum(map(len, rows)) / elapsed,
+                               "identical": rows == ref, "warmup": False, "rss_mb": 0.0}
+                        if method != "hf":
+                            st = specs[method].last_stats
+                            rec.update(tau=st["tau"], histogram=st["acceptance_histogram"],
+                                       draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"])
+                        records.append(rec)
+            if not records:
                 continue
-            for method, e in entries.items():
-                res.row("end_to_end", f"batch {batch}", set=set_name, method=method,
-                        tokens_per_second=e["tokens_per_second"], speedup_median=e["speedup_median"],
-                        tau=e.get("tau", ""), identical=e["all_identical"])
+            methods = ["hf"] + list(specs)
+            summary = summarize(records, methods)
+            for set_name, entries in summary.items():
+                if not isinstance(entries, dict):
+                    continue
+                for method, e in entries.items():
+                    res.row("end_to_end", f"batch {batch}", set=set_name, method=method,
+                            tokens_per_second=e["tokens_per_second"], speedup_median=e["speedup_median"],
+                            tau=e.get("tau", ""), identical=e["all_identical"])
 
 
 # -- driver -----------------------------------------------------------------------------------------------------
