@@ -31,6 +31,8 @@ import argparse
 import contextlib
 import copy
 import datetime
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +66,9 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
-class StageTimeout(Exception):
-    """A stage ran past its time limit (raised from SIGALRM in the main thread)."""
+class StageTimeout(BaseException):
+    """A stage ran past its time limit (raised from SIGALRM in the main thread; a BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it)."""
 
 
 @contextlib.contextmanager
@@ -222,6 +226,38 @@ class Ctx:
         return model.to(self.device), AutoTokenizer.from_pretrained(path)
 
 
+class _Decorators:
+    """Stands in for pytest when importing a test module for its helpers: every ``pytest.mark.*`` /
+    ``pytest.fixture`` decorator returns the function unchanged."""
+
+    def __call__(self, *args, **kwargs):
+        return args[0] if len(args) == 1 and callable(args[0]) and not kwargs else self
+
+    def __getattr__(self, name):
+        return self
+
+
+def _chisquare(observed, expected):
+    """scipy.stats.chisquare's statistic and p-value (df = cells - 1), from torch's regularized gamma."""
+    obs, exp = torch.as_tensor(observed, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    stat = ((obs - exp) ** 2 / exp).sum()
+    p = torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64), stat / 2)
+    return types.SimpleNamespace(statistic=float(stat), pvalue=float(p))
+
+
+def import_test_module(name: str):
+    """A module of tests/ for its helpers (cases, model builders), also where pytest or scipy is not installed
+    (the GPU image installs nothing): stand-ins for the parts used at import time."""
+    if importlib.util.find_spec("pytest") is None:
+        sys.modules.setdefault("pytest", _Decorators())
+    if importlib.util.find_spec("scipy") is None:
+        stats = types.ModuleType("scipy.stats")
+        stats.chisquare = _chisquare
+        sys.modules.setdefault("scipy", types.ModuleType("scipy"))
+        sys.modules.setdefault("scipy.stats", stats)
+    return importlib.import_module(name)
+
+
 def shipped_drafter(model):
     """The shipped SmolLM2 drafter on the target's device (its weights load on the CPU; the embedding and head it
     shares with the target are already there)."""
@@ -246,7 +282,8 @@ def to_device(args, device):
 def stage_kernel(ctx: Ctx, res: Results) -> None:
     from jetspec_compile.kernels import tree_attention_reference, tree_attention_triton
     from jetspec_compile.passes import tree_attention_mask
-    from tests.kernels.test_tree_attention import CASES, make_case
+    cases = import_test_module("tests.kernels.test_tree_attention")
+    CASES, make_case = cases.CASES, cases.make_case
 
     table = "Triton kernel (compiled) against the torch reference"
     if not ctx.cuda:
@@ -342,7 +379,7 @@ def stage_lossless(ctx: Ctx, res: Results) -> None:
                     res.note("lossless", f"{path.name} {dtype}: {report}")
 
     table = "sampling: chi-square of the first three tokens against the target's exact joint"
-    from tests.runtime import test_sampling as ts
+    ts = import_test_module("tests.runtime.test_sampling")
 
     rounds = 6 if ctx.quick else ts.ROUNDS  # fewer than ~1000 samples leave too few cells for the test
     for kind, temperature, top_k, top_p in [("rejection", 1.0, None, None), ("follow", 0.7, 5, 0.9)]:
@@ -536,6 +573,9 @@ def stage_end_to_end(ctx: Ctx, res: Results) -> None:
         return specs[method].generate(ids, mask, max_new_tokens=tokens)
 
     for batch in batches:
+        if ctx.time_left() < 30:
+            res.note("end_to_end", f"batch {batch}: not run, {ctx.time_left():.0f} s left")
+            break
         with attempt(res, "end_to_end", f"batch {batch}", batch=batch):
             records = []
             first = list(sets.values())[0]
@@ -604,6 +644,7 @@ def _meta(args) -> dict:
             "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "transformers": version("transformers"), "triton": version("triton"),
             "python": platform.python_version(), "commit": commit, "model": args.model,
+            "pytest": version("pytest"), "scipy": version("scipy"),
             "cpu_threads": torch.get_num_threads()}
 
 
@@ -614,8 +655,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--model", help="a local HF checkpoint folder of the target (default: SmolLM2 from the cache)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES), help="stages to run")
-    ap.add_argument("--time-budget", type=float, default=470.0,
-                    help="seconds for the whole run; a stage gets its own limit or what is left, whichever is less")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds for the whole run (default 470, with --quick 1500); a stage gets its own limit "
+                         "(with --quick three times it) or what is left, whichever is less")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no CUDA device; rehearse with --device cpu --quick")
@@ -623,7 +665,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = Results(Path(args.out), _meta(args))
     ctx = Ctx(args, results)
-    end = time.monotonic() + args.time_budget
+    end = time.monotonic() + (args.time_budget or (1500.0 if args.quick else 470.0))
     failed = 0
     for name in args.stages:
         limit = min(STAGES[name] * (3 if ctx.quick else 1), end - time.monotonic())
