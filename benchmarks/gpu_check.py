@@ -422,7 +422,7 @@ def _prompt_sets(tok, limit: int, res: Results, stage: str) -> dict[str, list[li
 
 # -- stage: inductor --------------------------------------------------------------------------------------------
 def stage_inductor(ctx: Ctx, res: Results) -> None:
-    from jetspec_compile.backends import inductor
+    from jetspec_compile.counters import counters
 
     table = "inductor backend: compiles, compile time, lossless"
     runs = [("llama", torch.float32)] if ctx.quick else [("llama", torch.float32), ("llama", torch.bfloat16),
@@ -433,21 +433,21 @@ def stage_inductor(ctx: Ctx, res: Results) -> None:
         res.note("inductor", f"quick CPU run: backend {backend} in place of inductor (this stage's code only)")
     for family, dtype in runs:
         with attempt(res, "inductor", table, family=family, dtype=str(dtype)[6:]):
-            before = dict(inductor.STATS)
+            before = dict(counters["inductor"])
             spec = js.optimize(tiny(family, ctx, dtype), budget=budget, max_cache_len=128, backend=backend,
                                fallback=not ctx.quick)
             prompts = [torch.tensor(p, device=ctx.device) for p in TINY_PROMPTS]
             t = time.perf_counter()
             spec.generate(prompts[0][None], max_new_tokens=8)  # captures and compiles every graph it meets
             first = time.perf_counter() - t
-            compiles = inductor.STATS["compiles"] - before["compiles"]
+            compiles = counters["inductor"]["compiles"] - before.get("compiles", 0)
             report = js.check_lossless(spec, prompts, max_new_tokens=8 if ctx.quick else 24)
             graphs = len(spec.verifier(1)._graphs)
             res.row("inductor", table, backend=backend, family=family, dtype=str(dtype)[6:],
                     budgets=str(spec.config.budgets),
                     graphs=graphs, compiles_first_call=compiles,
-                    compiles_after=inductor.STATS["compiles"] - before["compiles"] - compiles,
-                    tree_attention_ops=inductor.STATS["tree_attention_ops"] if ctx.cuda else "n/a (CPU: SDPA)",
+                    compiles_after=counters["inductor"]["compiles"] - before.get("compiles", 0) - compiles,
+                    tree_attention_ops=counters["inductor"]["tree_attention_ops"] if ctx.cuda else "n/a (CPU: SDPA)",
                     first_generate_s=first, identical=report.ok, within_promise=report.within_tolerance)
 
 
@@ -698,8 +698,11 @@ def main(argv=None) -> int:
         entry["seconds"] = time.perf_counter() - start
         results.save()
         results.log(f"== {name}: {entry['status']} ({entry['seconds']:.1f} s)")
-    results.log(f"wrote {results.out / 'gpu_check.json'} and {results.out / 'gpu_check.md'}")
-    return 1 if failed else 0
+    failed_rows = sum(str(r.get("status", "")).startswith("FAIL") for st in results.data["stages"].values()
+                      for rows in st["tables"].values() for r in rows)
+    results.log(f"wrote {results.out / 'gpu_check.json'} and {results.out / 'gpu_check.md'}; {failed} stages and "
+                f"{failed_rows} measurements failed")
+    return 1 if failed or failed_rows else 0
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--out",
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     md = (tmp_path / "gpu_check.md").read_text()
     assert list(data["stages"]) == STAGES
     for name, stage in data["stages"].items():
         assert stage["status"] == "ok", (name, stage.get("error"))
+        failures = [r for rows in stage["tables"].values() for r in rows if str(r.get("status", "")).startswith("FAIL")]
+        assert not failures, (name, failures, stage["notes"])
         assert stage["tables"], name
         assert f"## {name}: ok" in md
     tables = {name: stage["tables"] for name, stage in data["stages"].items()}
@@ -34,3 +35,4 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
     assert all(r["identical"] for t in tables["end_to_end"].values() for r in t)
     assert {r["backend"] for r in tables["verify_cost"]["one verify step against one plain decoding step (HF, eager)"]} \
         == {"HF decode step", "eager", "inductor"}
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
