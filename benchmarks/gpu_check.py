@@ -281,7 +281,7 @@ def to_device(args, device):
 # -- stage: kernel ----------------------------------------------------------------------------------------------
 def stage_kernel(ctx: Ctx, res: Results) -> None:
     from jetspec_compile.kernels import tree_attention_reference, tree_attention_triton
-    from jetspec_compile.passes import tree_attention_mask
+    from jetspec_compile.tree import tree_attention_mask
     cases = import_test_module("tests.kernels.test_tree_attention")
     CASES, make_case = cases.CASES, cases.make_case
 
