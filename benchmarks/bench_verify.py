@@ -22,6 +22,7 @@ import torch
 
 from jetspec_compile import TreeSpec, TreeVerifier
 from jetspec_compile.backends import lower
+from jetspec_compile.compat import cache_argument
 from jetspec_compile.models import load_smollm2
 
 
@@ -46,7 +47,7 @@ def main() -> None:
 
     def hf_step():
         with torch.no_grad():
-            model(input_ids=torch.tensor([[42]]), cache=cache, use_cache=True)
+            model(input_ids=torch.tensor([[42]]), use_cache=True, **{cache_argument(model): cache})
         cache.crop(-1)  # drop the token again: every step decodes at the same length
 
     def verify_step(key):

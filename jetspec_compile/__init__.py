@@ -10,6 +10,7 @@ Data flows capture → passes → lowering → runtime::
 """
 
 from .capture import CapturedStep, capture_step
+from .compat import check_versions
 from .config import JetSpecConfig
 from .drafter import Drafter, DraftTree, NGramDrafter
 from .errors import CacheFullError, JetSpecError, UnsupportedModelError
@@ -19,6 +20,8 @@ from .runtime.spec_model import SpecModel, attach_drafter, optimize
 from .tree import TreeSpec, ancestor_mask, depths, path_to, retrieve_indices
 
 __version__ = "0.1.0"
+
+check_versions()  # an unsupported torch / transformers is named here, not by an obscure failure later
 
 __all__ = [
     "CacheFullError",

@@ -7,6 +7,7 @@ import random
 
 import torch
 
+from jetspec_compile.compat import cache_argument
 from jetspec_compile.tree import TreeSpec, retrieve_indices
 
 
@@ -27,7 +28,7 @@ def path_logits(model, prefix: list[int], tokens: list[int], tree: TreeSpec) -> 
         for node in row:
             if node < 0:
                 break
-            step = model(input_ids=torch.tensor([[tokens[node]]]), cache=cache, use_cache=True)
+            step = model(input_ids=torch.tensor([[tokens[node]]]), use_cache=True, **{cache_argument(model): cache})
             cache = _cache_of(step)
             result[node] = step.logits[0, -1]
     return result
