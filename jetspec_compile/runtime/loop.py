@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from .budget import BudgetController
 from .sampling import accept_sampled, draw, warp_dense
 from .verifier import TreeVerifier
 
-__all__ = ["SamplingParams", "speculative_generate"]
+__all__ = ["SamplingParams", "LoopStats", "LoopState", "speculative_generate"]
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,106 @@ def accept(logits: torch.Tensor, trees: list[DraftTree], params: SamplingParams)
     return accept_sampled(logits, trees, params.temperature, params.top_k, params.top_p, params.generator)
 
 
+@dataclass
+class LoopStats:
+    """Statistics of one speculative loop (what ``SpecModel.last_stats`` holds). Fields read as attributes or,
+    like a dict, by name (``stats["tau"]``).
+
+    Attributes:
+        steps, target_forwards, drafter_calls: loop steps; target forwards (prefill included); drafter calls.
+        prefill_seconds, draft_seconds, verify_seconds, host_seconds, seconds: where the time went (host: tree
+            assembly, acceptance, KV compaction, bookkeeping), and the whole loop.
+        new_tokens, tokens_per_second: tokens generated (all rows) and their rate.
+        tau: mean tokens committed per verification step (accepted drafts + the bonus token).
+        acceptance_histogram: ``{accepted path length: steps}`` (the root counts: 1 = nothing drafted accepted).
+        budgets_used: ``{budget: steps}`` as the budget controller chose.
+        defragmentations: KV-cache compactions; trace: ``(seconds, tokens emitted)`` after every step.
+        batch_size: rows of the loop (more than a call's own when calls were batched together).
+    """
+
+    steps: int = 0
+    target_forwards: int = 0
+    drafter_calls: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    host_seconds: float = 0.0
+    seconds: float = 0.0
+    new_tokens: int = 0
+    tokens_per_second: float = 0.0
+    tau: float = 0.0
+    acceptance_histogram: dict[int, int] = field(default_factory=dict)
+    budgets_used: dict[int, int] = field(default_factory=dict)
+    defragmentations: int = 0
+    trace: list[tuple[float, int]] = field(default_factory=list)
+    batch_size: int = 1
+
+    def __getitem__(self, name: str):
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.__dataclass_fields__
+
+    def keys(self):
+        return self.__dataclass_fields__.keys()
+
+    def finish(self, start: float, accepted_lengths: Counter, new_tokens: int) -> "LoopStats":
+        self.seconds = time.perf_counter() - start
+        self.host_seconds = max(0.0, self.seconds - self.draft_seconds - self.verify_seconds - self.prefill_seconds)
+        steps = sum(accepted_lengths.values())
+        self.new_tokens = new_tokens
+        self.tokens_per_second = new_tokens / self.seconds if self.seconds > 0 else 0.0
+        self.tau = sum(k * v for k, v in accepted_lengths.items()) / steps if steps else 0.0
+        self.acceptance_histogram = dict(sorted(accepted_lengths.items()))
+        return self
+
+
+@dataclass
+class LoopState:
+    """The batch's progress through the loop, one entry per row."""
+
+    max_new_tokens: int
+    eos: frozenset[int]
+    outputs: list[list[int]]  # [B] tokens emitted so far
+    done: list[bool]  # [B] the row hit EOS or max_new_tokens
+    emit: Callable[[int, list[int]], None] | None = None
+
+    @classmethod
+    def start(cls, batch: int, max_new_tokens: int, eos: Sequence[int], emit=None) -> "LoopState":
+        return cls(max_new_tokens, frozenset(int(e) for e in eos), [[] for _ in range(batch)],
+                   [max_new_tokens == 0] * batch, emit)
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    @property
+    def emitted(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+    def push(self, row: int, tokens: list[int]) -> None:
+        """Emit ``tokens`` for ``row``, cut at its first EOS and at ``max_new_tokens``."""
+        if self.done[row]:
+            return
+        tokens = tokens[:self.max_new_tokens - len(self.outputs[row])]
+        for i, tok in enumerate(tokens):
+            if tok in self.eos:
+                tokens = tokens[:i + 1]
+                self.done[row] = True
+                break
+        self.outputs[row].extend(tokens)
+        if len(self.outputs[row]) >= self.max_new_tokens:
+            self.done[row] = True
+        if self.emit is not None and tokens:
+            self.emit(row, tokens)
+
+
 def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          *, max_new_tokens: int, params: SamplingParams, eos_token_ids: Sequence[int] = (),
-                         budgets: Sequence[int], emit=None) -> tuple[list[list[int]], dict]:
-    """Run the loop for a left-padded batch. Returns the new tokens of every row and statistics.
+                         budgets: Sequence[int], emit=None) -> tuple[list[list[int]], LoopStats]:
+    """Run the loop for a left-padded batch. Returns the new tokens of every row and the loop's statistics.
 
     budgets: candidate tree budgets (see :class:`~jetspec_compile.runtime.budget.BudgetController`; one value
     = a fixed budget, 1 among them = may fall back to plain decoding).
@@ -94,86 +190,49 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
     controller = BudgetController(budgets)
     start = time.perf_counter()
     batch = input_ids.shape[0]
-    eos = set(int(e) for e in eos_token_ids)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    done = [max_new_tokens == 0] * batch
-    stats = {"target_forwards": 0, "drafter_calls": 0, "accepted_lengths": Counter(), "steps": 0,
-             "draft_seconds": 0.0, "verify_seconds": 0.0, "trace": []}
-    if max_new_tokens == 0:
-        return outputs, _finish(stats, outputs, start)
-
-    def push(row: int, tokens: list[int]) -> None:
-        if done[row]:
-            return
-        room = max_new_tokens - len(outputs[row])
-        tokens = tokens[:room]
-        for i, tok in enumerate(tokens):
-            if tok in eos:
-                tokens = tokens[:i + 1]
-                done[row] = True
-                break
-        outputs[row].extend(tokens)
-        if len(outputs[row]) >= max_new_tokens:
-            done[row] = True
-        if emit is not None and tokens:
-            emit(row, tokens)
+    state = LoopState.start(batch, max_new_tokens, eos_token_ids, emit)
+    stats, accepted_lengths = LoopStats(batch_size=batch), Counter()
+    if state.finished:
+        return state.outputs, stats.finish(start, accepted_lengths, 0)
 
     logits, hidden = verifier.prefill(input_ids, attention_mask)  # [B, V], [B, P, K*H]
-    stats["target_forwards"] += 1
-    stats["prefill_seconds"] = time.perf_counter() - start
+    stats.target_forwards += 1
+    stats.prefill_seconds = time.perf_counter() - start
     real = attention_mask.bool()
     prompts = [input_ids[r][real[r]].tolist() for r in range(batch)]
     need_hidden = getattr(drafter, "needs_hidden", False)
     if callable(getattr(drafter, "set_sampling", None)):  # optional: drafters that shape trees for sampling
         drafter.set_sampling(params)
     drafter.begin(prompts, [hidden[r][real[r]] for r in range(batch)] if need_hidden else None)
-    roots = params.pick(logits)
+    roots = params.pick(logits)  # [B] the pending token of every row
     for r in range(batch):
-        push(r, [roots[r]])
-    stats["trace"].append((time.perf_counter() - start, sum(len(o) for o in outputs)))
-    while not all(done):
-        if verifier.cache.room() < verifier.num_nodes:
-            verifier.cache.defragment()
+        state.push(r, [roots[r]])
+    stats.trace.append((time.perf_counter() - start, state.emitted))
+    while not state.finished:
+        verifier.make_room()
         t0 = time.perf_counter()
         budget = controller.choose()
         trees = draft(drafter, roots, budget) if budget > 1 else [DraftTree.root_only(r) for r in roots]
         t1 = time.perf_counter()
-        logits, hidden = verify(verifier, trees)
+        logits, hidden = verify(verifier, trees)  # [B, n, V], [B, n, K*H]
         t2 = time.perf_counter()
         decisions = accept(logits, trees, params)
-        paths = [[] if done[r] else path for r, (path, _) in enumerate(decisions)]  # finished rows keep nothing
+        paths = [[] if state.done[r] else path for r, (path, _) in enumerate(decisions)]  # finished rows keep nothing
         verifier.commit(paths)
         accepted = [[t.tokens[i] for i in p] for t, p in zip(trees, paths)]
         drafter.advance(accepted, [hidden[r, p] for r, p in enumerate(paths)] if need_hidden else None)
         controller.observe(budget, time.perf_counter() - t0, [p for p in paths if p])
-        stats["steps"] += 1
-        stats["target_forwards"] += 1
-        stats["drafter_calls"] += budget > 1
-        stats["draft_seconds"] += t1 - t0
-        stats["verify_seconds"] += t2 - t1
+        stats.steps += 1
+        stats.target_forwards += 1
+        stats.drafter_calls += budget > 1
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
         for r, (path, bonus) in enumerate(decisions):
-            if not done[r]:
-                stats["accepted_lengths"][len(path)] += 1
-            push(r, accepted[r][1:] + [bonus])
-        stats["trace"].append((time.perf_counter() - start, sum(len(o) for o in outputs)))
+            if not state.done[r]:
+                accepted_lengths[len(path)] += 1
+            state.push(r, accepted[r][1:] + [bonus])
+        stats.trace.append((time.perf_counter() - start, state.emitted))
         roots = [bonus for _, bonus in decisions]
-    stats["defragmentations"] = verifier.cache.defragmentations
-    stats["budgets_used"] = dict(sorted(controller.used.items()))
-    return outputs, _finish(stats, outputs, start)
-
-
-def _finish(stats: dict, outputs: list[list[int]], start: float) -> dict:
-    elapsed = time.perf_counter() - start
-    stats["host_seconds"] = max(0.0, elapsed - stats["draft_seconds"] - stats["verify_seconds"]
-                                - stats.pop("prefill_seconds", 0.0))
-    hist = stats.pop("accepted_lengths")
-    total_steps = sum(hist.values())
-    new_tokens = sum(len(o) for o in outputs)
-    stats.update(
-        new_tokens=new_tokens,
-        seconds=elapsed,
-        tokens_per_second=new_tokens / elapsed if elapsed > 0 else 0.0,
-        tau=(sum(k * v for k, v in hist.items()) / total_steps) if total_steps else 0.0,
-        acceptance_histogram=dict(sorted(hist.items())),
-    )
-    return stats
+    stats.defragmentations = verifier.defragmentations
+    stats.budgets_used = dict(sorted(controller.used.items()))
+    return state.outputs, stats.finish(start, accepted_lengths, state.emitted)

@@ -17,6 +17,7 @@ take turns on it.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class Request:
     key: Hashable | None
     emit: Callable[[int, list[int]], None] | None = None
     outputs: list[list[int]] | None = None  # [b] new tokens per row
-    stats: dict | None = None
+    stats: object = None  # the loop's LoopStats
     error: BaseException | None = None
     finished: bool = False
 
@@ -170,9 +171,9 @@ class BatchScheduler:
             batch = _Batch.of(group)
             emit = batch.emit if any(r.emit is not None for r in group) else None
             outputs, stats = self._run(batch.input_ids, batch.attention_mask, group, emit)
-            stats = {**stats, "batch_size": int(batch.input_ids.shape[0])}
+            stats = dataclasses.replace(stats, batch_size=int(batch.input_ids.shape[0]))
             for r, start in zip(group, batch.offsets):
-                r.outputs, r.stats = outputs[start:start + r.rows], dict(stats)
+                r.outputs, r.stats = outputs[start:start + r.rows], dataclasses.replace(stats)
         except BaseException as exc:  # every waiting caller must wake up and see it
             for r in group:
                 r.error = r.error or exc

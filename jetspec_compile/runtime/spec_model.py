@@ -25,7 +25,7 @@ from ..backends import LoweringOptions, lower, lower_drafter
 from ..capture import text_config
 from ..config import JetSpecConfig
 from ..drafter.ngram import NGramDrafter
-from .loop import SamplingParams, speculative_generate
+from .loop import LoopStats, SamplingParams, speculative_generate
 from .scheduler import BatchScheduler, Request, shared_lock
 from .verifier import TreeVerifier
 
@@ -41,9 +41,10 @@ class SpecModel:
         model: the unmodified HF model (still usable on its own).
         drafter: the drafter proposing trees (as given; ``generate`` runs :meth:`runtime_drafter`).
         config: the :class:`~jetspec_compile.config.JetSpecConfig`.
-        last_stats: statistics of this thread's last ``generate`` call (plain dict: ``tau``, ``target_forwards``,
-            ``drafter_calls``, ``tokens_per_second``, ``acceptance_histogram``, ...; ``batch_size``: rows of the
-            loop it ran in, which are more than its own when it was batched with other calls).
+        last_stats: statistics of this thread's last ``generate`` call, a
+            :class:`~jetspec_compile.runtime.loop.LoopStats` (``tau``, ``target_forwards``, ``tokens_per_second``,
+            ``acceptance_histogram``, ...; read as attributes or by name; ``batch_size``: rows of the loop it ran
+            in, which are more than its own when it was batched with other calls).
 
     ``generate`` is safe to call from several threads (see :mod:`jetspec_compile.runtime.scheduler`): one loop
     runs at a time, every output is what the call gives alone, a streamer sees only its own call's tokens; with
@@ -65,11 +66,11 @@ class SpecModel:
         self._local = threading.local()
 
     @property
-    def last_stats(self) -> dict:
-        return getattr(self._local, "stats", {})
+    def last_stats(self) -> LoopStats:
+        return getattr(self._local, "stats", None) or LoopStats()
 
     @last_stats.setter
-    def last_stats(self, stats: dict) -> None:
+    def last_stats(self, stats: LoopStats) -> None:
         self._local.stats = stats
 
     @property

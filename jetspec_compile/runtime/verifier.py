@@ -125,6 +125,16 @@ class TreeVerifier:
         self.base_position.zero_()
         self._pending = None
 
+    @property
+    def defragmentations(self) -> int:
+        """How often the cache was compacted since it was created."""
+        return self.cache.defragmentations
+
+    def make_room(self) -> None:
+        """Compact the cache when a tree of the largest budget would no longer fit after the committed slots."""
+        if self.cache.room() < self.num_nodes:
+            self.cache.defragment()
+
     def budget_for(self, n: int) -> int:
         """The graph size a tree of ``n`` nodes runs in (the smallest budget that holds it)."""
         return next(b for b in self.budgets if b >= n)

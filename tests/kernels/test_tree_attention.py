@@ -156,7 +156,7 @@ def llama_step():
 
 
 def _copy(step):
-    return dataclasses.replace(step, graph_module=copy.deepcopy(step.graph_module), meta=dict(step.meta))
+    return dataclasses.replace(step, graph_module=copy.deepcopy(step.graph_module))
 
 
 def _verify_inputs(step, start=30, length=64):
