@@ -127,18 +127,25 @@ def check_causal(model: nn.Module, vocab_size: int) -> None:
 
 
 def _ensure_sdpa(model: nn.Module) -> None:
+    """Switch attention to SDPA where the model supports it; keep eager attention where it does not (eager-only
+    features such as Gemma-2's logit soft-capping), which :func:`~jetspec_compile.passes.match_eager_attention`
+    matches by pattern."""
     impl = getattr(model.config, "_attn_implementation", None)
     if impl == "sdpa":
         return
     try:
         model.set_attn_implementation("sdpa")
     except (ValueError, AttributeError) as err:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} uses attention implementation {impl!r} and cannot switch to 'sdpa' "
-            f"({err}). jetspec_compile finds attention as torch.nn.functional.scaled_dot_product_attention "
-            "in the captured graph; families that need eager-only features (e.g. Gemma2's logit soft-capping) "
-            "are not supported yet."
-        ) from err
+        if impl != "eager":
+            try:
+                model.set_attn_implementation("eager")
+            except (ValueError, AttributeError) as eager_err:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} uses attention implementation {impl!r} and can switch to neither "
+                    f"'sdpa' ({err}) nor 'eager' ({eager_err}); jetspec_compile matches those two only."
+                ) from eager_err
+        logger.info("%s keeps eager attention (no SDPA: %s)", type(model).__name__, err)
+        return
     logger.info("switched %s to attn_implementation='sdpa' for capture", type(model).__name__)
 
 

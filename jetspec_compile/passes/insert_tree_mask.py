@@ -20,7 +20,7 @@ from ..errors import UnsupportedModelError
 from ..interface import CACHE_POSITIONS, CACHE_VALID, TREE_MASK, WRITE_SLOTS
 from ..tree import tree_attention_mask
 from .manager import PassResult
-from .patterns import add_placeholders, attention_by_layer, placeholder, tagged, val
+from .patterns import add_placeholders, attention_by_layer, placeholder, tree_positions, val
 
 aten = torch.ops.aten
 
@@ -57,7 +57,7 @@ def insert_tree_mask(step) -> PassResult:
     gm = step.graph_module
     by_layer = attention_by_layer(gm, step.layers_path, step.num_layers)
     windows = attention_windows(step.config, step.num_layers)
-    positions = tagged(gm, "tree_positions")
+    positions = tree_positions(gm)
     write_slots = placeholder(gm, WRITE_SLOTS)
     tree_mask, cache_valid, cache_positions = add_placeholders(gm, [TREE_MASK, CACHE_VALID, CACHE_POSITIONS])
     first_attn = by_layer[min(by_layer)]
@@ -73,7 +73,7 @@ def insert_tree_mask(step) -> PassResult:
         masks[window] = node
     for layer, attn in by_layer.items():
         q, k, v = attn.args[:3]
-        kwargs = {key: value for key, value in attn.kwargs.items() if key in ("scale",)}
+        kwargs = {key: value for key, value in attn.kwargs.items() if key in ("scale", "softcap")}
         attn.args = (q, k, v)
         attn.kwargs = {"attn_mask": masks[windows[layer]], "dropout_p": 0.0, "is_causal": False, **kwargs}
         attn.meta["jetspec"] = "tree_attention"

@@ -5,7 +5,8 @@ Expects a captured step whose graph has a ``position_ids`` input ``[B, N]`` (see
 position of the tree root, i.e. how many tokens of the row are already committed) and ``depth`` ``[B, N]``
 (each node's depth in its row's tree) instead, and every former use of ``position_ids`` reads
 ``base_position[:, None] + depth`` (tagged ``tree_positions``). Rotary and learned position embeddings alike
-follow, because both read the position ids the model was given.
+follow, because both read the position ids the model was given. A model that never reads position ids is
+accepted only when :func:`match_attention_bias` found ALiBi layers (positions then enter through the bias).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ aten = torch.ops.aten
 def insert_tree_positions(step) -> PassResult:
     gm = step.graph_module
     position_ids = placeholder(gm, "position_ids")
-    if not position_ids.users:
+    if not position_ids.users and not step.meta.get("alibi_slopes"):
         raise UnsupportedModelError(
-            f"{type(step.model).__name__} ignores position_ids (its graph never reads them), so tree positions "
-            "cannot be given to it"
+            f"{type(step.model).__name__} ignores position_ids (its graph never reads them) and has no ALiBi "
+            "bias, so tree positions cannot be given to it"
         )
     base_position, depth = add_placeholders(gm, [BASE_POSITION, DEPTH])
     with gm.graph.inserting_after(depth):

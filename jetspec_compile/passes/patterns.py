@@ -17,8 +17,32 @@ from ..errors import UnsupportedModelError
 
 aten = torch.ops.aten
 
+def softcapped_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False, softcap=None):
+    """Eager attention with logit soft-capping, SDPA's signature plus ``softcap``.
+
+    ``softmax(tanh(q·kᵀ·scale / softcap)·softcap + attn_mask)·v`` in float32 (what HF's eager attention computes
+    for Gemma-2-style models); :func:`match_eager_attention` puts it where it finds that subgraph, so the later
+    passes treat it like SDPA. query: [B, H, N, D]; key/value: [B, H or H_kv, L, D]; attn_mask: additive,
+    broadcast to [B, H, N, L].
+    """
+    if dropout_p != 0.0 or is_causal:
+        raise ValueError("softcapped_attention supports neither dropout nor is_causal (give an explicit mask)")
+    if enable_gqa and key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # [B, H, N, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)  # [B, H, N, D]
+
+
 #: attention ops the passes know how to rewrite (query, key, value, attn_mask are the first four arguments)
-ATTENTION_OPS = (aten.scaled_dot_product_attention.default,)
+ATTENTION_OPS = (aten.scaled_dot_product_attention.default, softcapped_attention)
 
 #: ops through which a key/value tensor may flow between its projection and attention without changing values
 #: (the ``repeat_kv`` expansion of grouped-query attention is built from these)
@@ -88,9 +112,9 @@ def attention_by_layer(gm: fx.GraphModule, layers_path: str, num_layers: int) ->
     missing = sorted(set(range(num_layers)) - set(by_layer))
     if missing:
         raise UnsupportedModelError(
-            f"no scaled_dot_product_attention op found in decoder layers {missing} of {num_layers} "
-            f"(matched {len(nodes)} attention ops). jetspec_compile rewrites SDPA attention; a layer without it "
-            "(eager-only attention, linear attention, state-space layers) cannot be tree-verified."
+            f"no attention op found in decoder layers {missing} of {num_layers} (matched {len(nodes)} attention "
+            "ops). jetspec_compile rewrites scaled_dot_product_attention and the eager softmax(q·kᵀ)·v pattern; a "
+            "layer with neither (linear attention, state-space or recurrent layers) cannot be tree-verified."
         )
     return by_layer
 
@@ -109,6 +133,23 @@ def tagged(gm: fx.GraphModule, tag: str) -> fx.Node:
     if len(nodes) != 1:
         raise UnsupportedModelError(f"expected one node tagged {tag!r}, found {len(nodes)}: run its pass first")
     return nodes[0]
+
+
+def tree_positions(gm: fx.GraphModule) -> fx.Node:
+    """The ``tree_positions`` node (``base_position[:, None] + depth``, ``[B, N]``) that
+    :func:`insert_tree_positions` tags; built again from its inputs where the model never read position ids (the
+    node then had no users and was dropped as dead code)."""
+    nodes = [n for n in gm.graph.nodes if n.meta.get("jetspec") == "tree_positions"]
+    if nodes:
+        return nodes[0]
+    base_position, depth = placeholder(gm, "base_position"), placeholder(gm, "depth")
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        base = gm.graph.call_function(aten.unsqueeze.default, (base_position, -1))
+    with gm.graph.inserting_after(base):
+        positions = gm.graph.call_function(aten.add.Tensor, (base, depth))
+    positions.meta["jetspec"] = "tree_positions"
+    return positions
 
 
 def add_placeholders(gm: fx.GraphModule, names: Iterable[str]) -> list[fx.Node]:
