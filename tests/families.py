@@ -28,7 +28,16 @@ FAMILIES = {
     "opt": ("opt", {"ffn_dim": 96, "word_embed_proj_dim": 64, "do_layer_norm_before": True}),
     "qwen3_moe": ("qwen3_moe", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
                                 "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+    # eager-only attention with logit soft-capping (attention and final logits), sliding and full layers
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 5.0,
+                          "final_logit_softcapping": 30.0,
+                          "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    # ALiBi position biases, no position embeddings
+    "bloom": ("bloom", {"n_head": 4}),
 }
+
+#: families without SDPA attention in transformers: built with eager attention, as a user would get them
+EAGER_ONLY = {"gemma2", "bloom"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +45,8 @@ def _model(family: str, seed: int):
     model_type, overrides = FAMILIES[family]
     config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    attn = "eager" if family in EAGER_ONLY else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
     # Random init gives near-uniform logits; sharpen the head so greedy ties are rare and drafts can be right.
     with torch.no_grad():
         head = model.get_output_embeddings()

@@ -142,7 +142,10 @@ def tree_positions(gm: fx.GraphModule) -> fx.Node:
     nodes = [n for n in gm.graph.nodes if n.meta.get("jetspec") == "tree_positions"]
     if nodes:
         return nodes[0]
-    base_position, depth = placeholder(gm, "base_position"), placeholder(gm, "depth")
+    inputs = {n.meta.get("jetspec"): n for n in gm.graph.nodes if n.op == "placeholder"}
+    if "base_position" not in inputs or "depth" not in inputs:
+        raise UnsupportedModelError("graph has no tree positions: run its pass first (insert_tree_positions)")
+    base_position, depth = inputs["base_position"], inputs["depth"]
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
         base = gm.graph.call_function(aten.unsqueeze.default, (base_position, -1))
