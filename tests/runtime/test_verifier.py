@@ -82,7 +82,7 @@ def test_prefill_matches_eager_and_taps_match_hidden_states(model_prefill):
     torch.testing.assert_close(hidden, expected, **TOL)
 
 
-SLIDING = {"qwen2", "mistral", "gemma3", "phi3"}  # a sliding-window cache layer keeps fewer than P tokens
+SLIDING = {"qwen2", "mistral", "gemma3", "phi3", "gemma2"}  # a sliding-window cache layer keeps fewer than P tokens
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
