@@ -7,7 +7,7 @@ export JETSPEC_CACHE ?= $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow test-compat gpu-check bench clean
+.PHONY: venv demo test test-slow test-compat gpu-check bench support-sweep clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-slow: venv
 
 bench: venv
 	$(PY) benchmarks/bench_verify.py
+
+# every causal-LM architecture of the installed transformers, tiny random models, one at a time (hours on 2 cores);
+# writes docs/support.md
+support-sweep: venv
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/support_sweep.py
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .cache
