@@ -181,8 +181,15 @@ def capture_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16) 
     input_ids = torch.zeros(batch_size, num_nodes, dtype=torch.long, device=device)
     position_ids = torch.arange(num_nodes, device=device).expand(batch_size, num_nodes).contiguous()
     start = time.perf_counter()
-    with torch.no_grad():
-        exported = torch.export.export(_StepModule(model), (input_ids, position_ids), strict=False)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(_StepModule(model), (input_ids, position_ids), strict=False)
+    except Exception as err:  # export's own errors are many types; all mean the same thing here
+        raise UnsupportedModelError(
+            f"torch.export could not capture one step of {type(model).__name__} over {num_nodes} tokens "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); jetspec_compile rewrites "
+            "the exported graph, so a model that does not export cannot be tree-verified"
+        ) from err
     unlifted = exported.module()
     # A plain GraphModule (no input-spec hooks, plain positional/keyword calling convention), sharing the
     # model's parameters: the passes add inputs, which the export's pytree spec would reject.
