@@ -136,7 +136,7 @@ def check_architecture(model_type: str) -> dict:
         except Exception as err:  # anything the model itself cannot do here
             errors.append(f"{type(err).__name__}: {err}")
     else:
-        return {"status": "cannot-build-here", "detail": errors[0]}
+        return {"status": "cannot-build-here", "detail": errors[-1]}
     vocab = model.get_output_embeddings().weight.shape[0]
     attn = getattr(model.config, "_attn_implementation", None)
     stage = "building the verifier"

@@ -2,8 +2,8 @@
 
 Expects a captured step whose attention ops are matched (after :func:`match_eager_attention`) and whose
 ``position_ids`` input is still in place (before :func:`insert_tree_positions`). For every attention it
-evaluates the additive mask the model built, on the capture's own inputs (positions ``0 .. N-1``), and checks
-what it is: a key may be visible exactly when it is causal and (on sliding-window layers, see
+evaluates the additive mask the model built, on the capture's positions ``0 .. N-1`` (twice, with different
+tokens: a mask that changes with them is refused), and checks what it is: a key may be visible exactly when it is causal and (on sliding-window layers, see
 :func:`~jetspec_compile.passes.insert_tree_mask.attention_windows`) less than the window behind the query; over
 the visible keys the mask may add, per head, ``slope · key position`` plus a per-query constant (ALiBi; a
 constant per query changes no softmax) and nothing else. Slopes are recorded in ``step.meta["alibi_slopes"]``
@@ -44,8 +44,8 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, inputs: dict[str, torch.Tensor]
         if cur.op == "placeholder":
             tag = cur.meta.get("jetspec", cur.name)
             if tag not in inputs:
-                raise UnsupportedModelError(f"the attention mask depends on the graph input {tag!r} (the "
-                                            "tokens' content), not on positions only; such masks are not modelled")
+                raise UnsupportedModelError(f"the attention mask depends on the graph input {tag!r}; only masks "
+                                            "built from positions are modelled")
             args.append(inputs[tag])
             env[cur] = sub.placeholder(cur.name)
         else:
@@ -91,8 +91,12 @@ def _attention_terms(step) -> dict[int, torch.Tensor | None]:
     gm = step.graph_module
     by_layer = attention_by_layer(gm, step.layers_path, step.num_layers)
     position_ids = placeholder(gm, "position_ids")
-    positions = torch.arange(step.num_nodes, device=val(position_ids).device)
-    inputs = {"position_ids": positions.expand(step.batch_size, step.num_nodes).contiguous()}
+    b, n = step.batch_size, step.num_nodes
+    device = val(position_ids).device
+    positions = torch.arange(n, device=device).expand(b, n).contiguous()
+    tokens = torch.randint(0, step.config.vocab_size, (b, n), generator=torch.Generator().manual_seed(0))
+    probes = [{"position_ids": positions, "input_ids": torch.zeros(b, n, dtype=torch.long, device=device)},
+              {"position_ids": positions, "input_ids": tokens.to(device)}]
     terms = {}
     for layer, attn in by_layer.items():
         mask = attn.kwargs.get("attn_mask", attn.args[3] if len(attn.args) > 3 else None)
@@ -100,7 +104,14 @@ def _attention_terms(step) -> dict[int, torch.Tensor | None]:
         if mask is None and not causal:
             raise UnsupportedModelError(f"layer {layer}: attention {attn.name} has neither a mask nor "
                                         "is_causal, so it is not causal attention")
-        terms[layer] = None if mask is None else _evaluate(gm, mask, inputs)
+        if mask is None:
+            terms[layer] = None
+            continue
+        first, second = (_evaluate(gm, mask, inputs) for inputs in probes)
+        if not torch.equal(first, second):
+            raise UnsupportedModelError(f"layer {layer}: the attention mask depends on the tokens' content, not "
+                                        "on positions only; such masks are not modelled")
+        terms[layer] = first
     return terms
 
 
