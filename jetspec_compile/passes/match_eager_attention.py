@@ -5,7 +5,8 @@ Expects a captured step (before any other pass). HF's eager attention computes
 in 4-D ``[B, H, N, N]`` or flattened 3-D ``[B·H, N, N]`` form. The pass finds that chain by op (a matmul whose
 scores, through scalar scaling, soft-capping, additive terms and reshapes only, reach a softmax over the last
 dim whose probabilities, through casts, zero dropout and reshapes only, multiply the values), with the
-``[B, H, N, D]`` query/key/value and ``[.., N, N]`` score shapes checked on ``node.meta["val"]``. Each match
+``[B, H, N, D]`` query/key/value and ``[.., N, N]`` score shapes checked on ``node.meta["val"]``; masks may be
+added or applied as ``masked_fill(scores, hidden, dtype-min)``. Each match
 becomes ``aten.scaled_dot_product_attention(q, k, v, attn_mask=sum of the additive terms, scale=...)``, or
 :func:`~jetspec_compile.passes.patterns.softcapped_attention` when the scores are soft-capped. A chain that
 reaches a softmax through anything else (a bias before soft-capping, scaling after the mask, non-zero dropout)
@@ -68,7 +69,7 @@ def _as_4d(node, batch: int, n: int) -> fx.Node | None:
 
 def _transposed_key(node) -> fx.Node | None:
     """``k`` where ``node`` is ``k`` with its last two dims swapped."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
+    if not isinstance(node, fx.Node) or node.op != "call_function" or val(node) is None:
         return None
     nd = val(node).dim()
     if node.target == aten.transpose.int:
@@ -91,7 +92,7 @@ def _score_chain(mm: fx.Node, n: int):
         alpha = _number(mm.kwargs.get("alpha", mm.args[4] if len(mm.args) > 4 else 1))
         if beta is None or alpha is None:
             return None
-        scale, terms = alpha, [(mm.args[0], beta)]
+        scale, terms = alpha, [("add", mm.args[0], beta, 3)]
     while True:
         user = _only_user(cur)
         if user is None or user.op != "call_function":
@@ -119,12 +120,19 @@ def _score_chain(mm: fx.Node, n: int):
         elif target == aten.add.Tensor and user.args[0] is not user.args[1] and cur in user.args[:2]:
             other = user.args[1] if user.args[0] is cur else user.args[0]
             if isinstance(other, fx.Node):
-                terms.append((other, 1.0))
+                terms.append(("add", other, 1.0, val(cur).dim()))
             elif _number(other) is None:
                 return None
             cur = user  # a scalar added to every score changes no softmax
-        elif target in _RESHAPES:
+        elif target == aten.masked_fill.Scalar and user.args[0] is cur:
+            fill = _number(user.args[2])
+            if fill is None or not fill <= torch.finfo(val(cur).dtype).min / 2:
+                raise UnsupportedModelError(f"attention scores of {mm.name} are filled with {user.args[2]} (not a "
+                                            "mask value); only masking fills are modelled")
+            terms.append(("fill", user.args[1], fill, val(cur).dim()))
             cur = user
+        elif target in _RESHAPES or target in (aten.to.dtype, aten._to_copy.default, aten.type_as.default):
+            cur = user  # casts: the replacement computes softmax in float32, as eager attention does
         elif target in _SOFTMAX:
             if user.args[1] % val(user).dim() != val(user).dim() - 1:
                 return None
@@ -164,19 +172,31 @@ def _output_4d(pv: fx.Node, batch: int, n: int) -> fx.Node | None:
         cur = user
 
 
-def _term_4d(gm, term: fx.Node, beta: float, batch: int, heads: int, before: fx.Node) -> fx.Node:
-    """An additive score term broadcastable to ``[B, H, N, N]`` (3-D ``[B·H or 1, n, N]`` terms reshaped)."""
-    v = val(term)
+def masked_fill_term(condition: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """The additive score term that acts as ``scores.masked_fill(condition, value)`` under softmax: ``value``
+    (a mask value, ``<= dtype-min / 2``) where ``condition`` holds, else 0."""
+    zero = torch.zeros((), dtype=dtype, device=condition.device)
+    return torch.where(condition, torch.full((), value, dtype=dtype, device=condition.device), zero)
+
+
+def _term_4d(gm, term, batch: int, heads: int, dtype: torch.dtype, before: fx.Node) -> fx.Node:
+    """An additive score term broadcastable to ``[B, H, N, N]``: terms added to flattened ``[B·H, N, N]`` scores
+    (``[B·H or 1, n, N]``) are reshaped; masking fills become ``value`` where hidden, else 0."""
+    kind, node, factor, scores_dim = term
+    v = val(node)
     with gm.graph.inserting_before(before):
-        if v.dim() == 3:
+        if kind == "fill":
+            node = gm.graph.call_function(masked_fill_term, (node, factor, dtype))
+            factor = 1.0
+        if scores_dim == 3 and v.dim() == 3:
             lead = (batch, heads) if v.shape[0] == batch * heads else (1, 1) if v.shape[0] == 1 else None
             if lead is None:
-                raise UnsupportedModelError(f"attention term {term.name} of shape {tuple(v.shape)} does not "
+                raise UnsupportedModelError(f"attention term {node.name} of shape {tuple(v.shape)} does not "
                                             f"broadcast over batch {batch} x heads {heads}")
-            term = gm.graph.call_function(aten.reshape.default, (term, [*lead, v.shape[1], v.shape[2]]))
-        if beta != 1.0:
-            term = gm.graph.call_function(aten.mul.Tensor, (term, beta))
-    return term
+            node = gm.graph.call_function(aten.reshape.default, (node, [*lead, v.shape[1], v.shape[2]]))
+        if factor != 1.0:
+            node = gm.graph.call_function(aten.mul.Tensor, (node, factor))
+    return node
 
 
 def match_eager_attention(step) -> PassResult:
@@ -204,8 +224,8 @@ def match_eager_attention(step) -> PassResult:
             raise UnsupportedModelError(f"eager attention at {mm.name}: {heads} query heads against key/value "
                                         f"heads {heads_kv}/{val(v).shape[1]}")
         mask = None
-        for term, beta in terms:
-            term = _term_4d(gm, term, beta, batch, heads, out)
+        for term in terms:
+            term = _term_4d(gm, term, batch, heads, val(q).dtype, out)
             with gm.graph.inserting_before(out):
                 mask = term if mask is None else gm.graph.call_function(aten.add.Tensor, (mask, term))
         kwargs = {"attn_mask": mask, "scale": scale}

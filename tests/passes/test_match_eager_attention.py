@@ -51,3 +51,23 @@ def test_scores_scaled_after_the_mask_are_refused(monkeypatch):
     step = capture_step(make_model("gemma2"), num_nodes=4)
     with pytest.raises(UnsupportedModelError, match="scaled after"):
         match_eager_attention(step)
+
+
+def test_masked_fill_masks_and_alibi_added_to_4d_scores_are_matched():
+    """MPT's eager attention: an ALiBi term broadcast onto 4-D scores, then masked_fill with the dtype minimum."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from jetspec_compile.runtime import build_verify_step
+
+    config = AutoConfig.for_model("mpt", d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    step = capture_step(model, batch_size=2, num_nodes=5)
+    PassManager([match_eager_attention], run_checks_after_each_pass=True)(step)
+    assert len(find_attention_nodes(step.graph_module)) == step.num_layers
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        (actual,) = step.graph_module(ids, torch.arange(5).expand(2, 5))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    step, _ = build_verify_step(model, batch_size=2, num_nodes=5)
+    assert sorted(step.meta["alibi_slopes"]) == [0, 1]
