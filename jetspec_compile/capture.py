@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ class CapturedStep:
             ``insert_tree_mask``).
         functional_kv: the graph returns its new keys/values instead of writing the caches
             (``functionalize_kv_writes``).
+        alibi_slopes: per decoder layer with an ALiBi bias, its ``[H]`` slopes (recorded by
+            ``match_attention_bias``, read by ``insert_tree_alibi``).
     """
 
     graph_module: torch.fx.GraphModule
@@ -63,6 +65,7 @@ class CapturedStep:
     kv: KVLayout | None = None
     windows: tuple[int | None, ...] | None = None
     functional_kv: bool = False
+    alibi_slopes: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config(self):

@@ -1,7 +1,7 @@
 """insert_tree_alibi: ALiBi biases from each key's real position, not its slot in the flat sequence.
 
 Expects the graph after :func:`insert_tree_mask` and the slopes :func:`match_attention_bias` recorded in
-``step.meta["alibi_slopes"]``. The tree mask replaced each attention's mask, ALiBi bias included; for every
+``step.alibi_slopes``. The tree mask replaced each attention's mask, ALiBi bias included; for every
 layer with slopes this adds ``slope_h · key_position`` back onto that layer's mask, where a cache slot's key
 position is its committed position (``cache_positions``) and a tree node's is its tree position (committed
 length + depth): the bias a node sees is what the model gives the same token sequence along the node's own
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..interface import CACHE_POSITIONS, WRITE_SLOTS
 from .manager import PassResult
 from .patterns import attention_by_layer, placeholder, tree_positions, val
 
@@ -31,12 +32,12 @@ def tree_alibi_bias(slopes: torch.Tensor, cache_positions: torch.Tensor, write_s
 
 def insert_tree_alibi(step) -> PassResult:
     gm = step.graph_module
-    slopes = step.meta.get("alibi_slopes") or {}
+    slopes = step.alibi_slopes
     if not slopes:
         return PassResult(False, {"alibi_layers": 0})
     by_layer = attention_by_layer(gm, step.layers_path, step.num_layers)
     positions = tree_positions(gm)
-    write_slots, cache_positions = placeholder(gm, "write_slots"), placeholder(gm, "cache_positions")
+    write_slots, cache_positions = placeholder(gm, WRITE_SLOTS), placeholder(gm, CACHE_POSITIONS)
     biases = {}
     for layer, layer_slopes in sorted(slopes.items()):
         attn = by_layer[layer]

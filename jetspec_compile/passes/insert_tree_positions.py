@@ -24,7 +24,7 @@ aten = torch.ops.aten
 def insert_tree_positions(step) -> PassResult:
     gm = step.graph_module
     position_ids = placeholder(gm, "position_ids")
-    if not position_ids.users and not step.meta.get("alibi_slopes"):
+    if not position_ids.users and not step.alibi_slopes:
         raise UnsupportedModelError(
             f"{type(step.model).__name__} ignores position_ids (its graph never reads them) and has no ALiBi "
             "bias, so tree positions cannot be given to it"

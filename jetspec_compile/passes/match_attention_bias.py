@@ -6,7 +6,7 @@ evaluates the additive mask the model built, on the capture's positions ``0 .. N
 tokens: a mask that changes with them is refused), and checks what it is: a key may be visible exactly when it is causal and (on sliding-window layers, see
 :func:`~jetspec_compile.passes.insert_tree_mask.attention_windows`) less than the window behind the query; over
 the visible keys the mask may add, per head, ``slope · key position`` plus a per-query constant (ALiBi; a
-constant per query changes no softmax) and nothing else. Slopes are recorded in ``step.meta["alibi_slopes"]``
+constant per query changes no softmax) and nothing else. Slopes are recorded in ``step.alibi_slopes``
 (``{layer: [H] float tensor}``) for :func:`insert_tree_alibi`. A mask that depends on token content, hides
 other keys, or adds any other bias raises, naming the layer, instead of being replaced by the tree mask.
 Graphs of fewer than 4 tokens say too little about how a bias varies with position; they are judged from a
@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
+from ..interface import INPUT_IDS
 from .insert_tree_mask import attention_windows
 from .manager import PassResult
 from .match_eager_attention import match_eager_attention
@@ -95,8 +96,8 @@ def _attention_terms(step) -> dict[int, torch.Tensor | None]:
     device = val(position_ids).device
     positions = torch.arange(n, device=device).expand(b, n).contiguous()
     tokens = torch.randint(0, step.config.vocab_size, (b, n), generator=torch.Generator().manual_seed(0))
-    probes = [{"position_ids": positions, "input_ids": torch.zeros(b, n, dtype=torch.long, device=device)},
-              {"position_ids": positions, "input_ids": tokens.to(device)}]
+    probes = [{"position_ids": positions, INPUT_IDS: torch.zeros(b, n, dtype=torch.long, device=device)},
+              {"position_ids": positions, INPUT_IDS: tokens.to(device)}]
     terms = {}
     for layer, attn in by_layer.items():
         mask = attn.kwargs.get("attn_mask", attn.args[3] if len(attn.args) > 3 else None)
@@ -128,5 +129,5 @@ def match_attention_bias(step) -> PassResult:
         found = None if term is None else _judge(term, probe.num_nodes, windows[layer], layer)
         if found is not None:
             slopes[layer] = found
-    step.meta["alibi_slopes"] = slopes
+    step.alibi_slopes = slopes
     return PassResult(False, {"alibi_layers": len(slopes)})

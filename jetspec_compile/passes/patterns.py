@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
+from ..interface import BASE_POSITION, DEPTH
 
 aten = torch.ops.aten
 
@@ -143,9 +144,9 @@ def tree_positions(gm: fx.GraphModule) -> fx.Node:
     if nodes:
         return nodes[0]
     inputs = {n.meta.get("jetspec"): n for n in gm.graph.nodes if n.op == "placeholder"}
-    if "base_position" not in inputs or "depth" not in inputs:
+    if BASE_POSITION not in inputs or DEPTH not in inputs:
         raise UnsupportedModelError("graph has no tree positions: run its pass first (insert_tree_positions)")
-    base_position, depth = inputs["base_position"], inputs["depth"]
+    base_position, depth = inputs[BASE_POSITION], inputs[DEPTH]
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
         base = gm.graph.call_function(aten.unsqueeze.default, (base_position, -1))

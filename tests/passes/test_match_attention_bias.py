@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from jetspec_compile import TreeVerifier, UnsupportedModelError
-from jetspec_compile.runtime import build_verify_step
+from jetspec_compile.compiler import build_verify_step
 from tests.families import make_model
 
 
@@ -13,16 +13,16 @@ def test_alibi_slopes_are_found_and_plain_masks_have_none():
     step, results = build_verify_step(model, num_nodes=6, run_checks=True)
     heads = model.config.n_head
     expected = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # slope · key position 1
-    assert sorted(step.meta["alibi_slopes"]) == list(range(step.num_layers))
-    for slopes in step.meta["alibi_slopes"].values():
+    assert sorted(step.alibi_slopes) == list(range(step.num_layers))
+    for slopes in step.alibi_slopes.values():
         torch.testing.assert_close(slopes, expected)
     assert results["insert_tree_alibi"].stats["alibi_layers"] == step.num_layers
-    assert build_verify_step(make_model("llama"), num_nodes=6)[0].meta["alibi_slopes"] == {}
+    assert build_verify_step(make_model("llama"), num_nodes=6)[0].alibi_slopes == {}
 
 
 def test_one_token_graphs_judge_the_bias_from_a_longer_capture():
     step, _ = build_verify_step(make_model("bloom"), num_nodes=1)
-    assert sorted(step.meta["alibi_slopes"]) == list(range(step.num_layers))
+    assert sorted(step.alibi_slopes) == list(range(step.num_layers))
 
 
 def _patch_sdpa(monkeypatch, extra):

@@ -57,7 +57,7 @@ def test_masked_fill_masks_and_alibi_added_to_4d_scores_are_matched():
     """MPT's eager attention: an ALiBi term broadcast onto 4-D scores, then masked_fill with the dtype minimum."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from jetspec_compile.runtime import build_verify_step
+    from jetspec_compile.compiler import build_verify_step
 
     config = AutoConfig.for_model("mpt", d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -70,4 +70,4 @@ def test_masked_fill_masks_and_alibi_added_to_4d_scores_are_matched():
         (actual,) = step.graph_module(ids, torch.arange(5).expand(2, 5))
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     step, _ = build_verify_step(model, batch_size=2, num_nodes=5)
-    assert sorted(step.meta["alibi_slopes"]) == [0, 1]
+    assert sorted(step.alibi_slopes) == [0, 1]
