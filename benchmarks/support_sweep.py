@@ -245,6 +245,9 @@ def render(results: list[dict], classes: dict[str, str], total_seconds: float, r
     for r in sorted(results, key=lambda r: (order.index(r["status"]), r["model_type"])):
         lines.append(f"| `{r['model_type']}` | {classes.get(r['model_type'], '')} | {r['status']} | "
                      f"{r.get('attn') or ''} | {_cell(r.get('detail', ''))} |")
+    missing = sorted(set(classes) - {r["model_type"] for r in results})
+    if missing:
+        lines += ["", f"Not run in this sweep ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing) + "."]
     return "\n".join(lines) + "\n"
 
 
