@@ -18,6 +18,7 @@ from ..interface import BASE_POSITION, DEPTH
 
 aten = torch.ops.aten
 
+
 def softcapped_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False, softcap=None):
     """Eager attention with logit soft-capping, SDPA's signature plus ``softcap``.
