@@ -223,7 +223,8 @@ def render(results: list[dict], classes: dict[str, str], total_seconds: float, r
         "",
         f"**{counts['lossless']} of {registered} causal-LM architectures of transformers "
         f"{transformers.__version__} verified lossless** (torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m', time.gmtime())}, {platform.machine()} CPU, float32).",
+        f"{time.strftime('%Y-%m', time.gmtime())}, {platform.machine()} CPU with {os.cpu_count()} cores, load "
+        f"average {os.getloadavg()[0]:.0f} when the table was written, float32).",
         "",
         "| status | count |",
         "| --- | --- |",
