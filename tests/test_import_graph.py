@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jetspec_compile"
 
 #: lowest first; a module may import its own layer's and lower layers' modules only. Longest prefix wins.
 LAYERS = [
-    ("errors", "config", "tree", "interface", "io", "paths", "counters", "prompts", "compat"),
+    ("errors", "config", "tree", "interface", "io", "paths", "counters", "prompts", "compat", "warp"),
     ("capture", "kv_cache", "kernels"),
     ("passes",),
     ("compiler",),

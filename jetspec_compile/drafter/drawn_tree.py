@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.sampling import warp_dense
 from ..tree import TreeSpec, depths
+from ..warp import warp_dense
 from .protocol import DraftTree
 from .tree_builder import best_first_tree
 

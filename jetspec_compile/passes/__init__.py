@@ -31,8 +31,8 @@ from .insert_tree_positions import insert_tree_positions
 from .manager import PassManager, PassResult, lint_graph
 from .match_attention_bias import match_attention_bias
 from .match_eager_attention import match_eager_attention
-from .tap_hidden_states import default_tap_layers, tap_hidden_states
 from .prepack_linear_weights import prepack_linear_weights, prepack_supported
+from .tap_hidden_states import default_tap_layers, tap_hidden_states
 from .use_native_gqa import use_native_gqa
 from .use_tree_attention_op import use_tree_attention_op
 
