@@ -60,8 +60,14 @@ def check_drafter_fits(cfg: DrafterConfig, target) -> None:
 
 
 def load_drafter(path: str | Path, target, dtype: torch.dtype = torch.float32) -> ParallelDrafter:
-    """Load a drafter saved by :func:`save_drafter` and attach it to ``target``'s embedding and LM head."""
+    """Load a drafter saved by :func:`save_drafter`, or a DFlash checkpoint folder (vLLM's native or the
+    ``speculators`` layout, :mod:`~jetspec_compile.drafter.dflash_format`), and attach it to ``target``'s
+    embedding and LM head."""
+    from .dflash_format import dflash_layout, load_dflash_drafter
+
     path = Path(path)
+    if dflash_layout(path) is not None:
+        return load_dflash_drafter(path, target, dtype)
     if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
         raise FileNotFoundError(f"{path} is not a drafter checkpoint (needs {CONFIG} and {WEIGHTS})")
     try:

@@ -142,7 +142,7 @@ class JetSpecDrafter:
     @torch.no_grad()
     def _block_logprobs(self, row: int, root: int, given: Sequence[int | None]) -> torch.Tensor:
         """One drafter forward over ``len(given)`` blocks ``[root, g, MASK...]`` (``g=None``: all MASK; ``g`` a
-        token id) after the row's context; returns log-probabilities ``[M, S, V]`` (index i = depth i + 1; over
+        token id) after the row's context; returns log-probabilities ``[M, D, V]`` (index i = depth i + 1; over
         the draft vocabulary's ``V'`` entries if the drafter has one)."""
         cfg = self.model.cfg
         p, s, m = self._length[row], cfg.block_size, len(given)
@@ -163,7 +163,7 @@ class JetSpecDrafter:
         self._past[row] = [(torch.cat([pk, nk.to(device)], 2), torch.cat([pv, nv.to(device)], 2))
                            for (pk, pv), (nk, nv) in zip(past, new)]
         self._pending[row] = []
-        return logprobs.to(device)  # [M, S, V]
+        return logprobs.to(device)  # [M, D, V]
 
     def depth_logprobs(self, row: int, root: int) -> torch.Tensor:
         """Draft log-probabilities ``[D, V]`` of depths 1..D after the row's context and ``root``."""

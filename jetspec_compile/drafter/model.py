@@ -8,6 +8,13 @@ causal LM, the output at block index ``i`` (0..S-1) is the draft distribution of
 so one forward drafts ``S = block_size`` depths (the anchor's own output predicts depth 1). The token embedding
 and LM head are the target's, shared and frozen (never saved with the drafter).
 
+``DrafterConfig.style="dflash"`` is the shape serving engines run (vLLM's and SGLang's native DFlash drafter,
+:mod:`~jetspec_compile.drafter.dflash_format`): per-head RMSNorm on queries and keys before RoPE (also on the
+injected context keys), and in-place MASK prediction: in the block ``[anchor, MASK × (S-1)]`` each MASK slot
+predicts the token *at its own position* (slot ``i`` drafts depth ``i``) and the anchor's output is unused, so one
+forward drafts ``S - 1`` depths; attention inside the block may be bidirectional (``causal=False``). Either way
+:meth:`ParallelDrafter.forward` returns one distribution per depth, so the tree construction on top is the same.
+
 The layer code is generic (RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP), independent of the
 target's family: only the hidden size, vocabulary and tapped layers must match.
 """
@@ -24,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DrafterConfig", "ParallelDrafter"]
+__all__ = ["DrafterConfig", "ParallelDrafter", "STYLES"]
+
+#: drafter shapes (DrafterConfig.style)
+STYLES = ("jetspec", "dflash")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,12 @@ class DrafterConfig:
             tokens in its ``draft_vocab`` buffer (frequent tokens of the target's own outputs, see
             :func:`~jetspec_compile.drafter.vocab.frequent_tokens`), and its LM head multiplies by those rows
             only. Lossless either way: any draft is verified by the target.
+        style: ``"jetspec"`` (every block slot predicts the next position; no q/k norms) or ``"dflash"`` (each MASK
+            slot predicts its own position, q/k per-head RMSNorm: the layout vLLM and SGLang serve).
+        causal: attention inside a block is causal (True) or bidirectional (False, DFlash's default; ``"dflash"``
+            style only: with ``"jetspec"`` a later slot would see the token an earlier one must predict).
+        mask_token_id: ``"dflash"`` style: the token id serving engines feed in MASK slots (its embedding is
+            replaced by the drafter's ``mask_embedding``); an id the target never emits. -1: unset.
     """
 
     target_hidden_size: int
@@ -58,6 +74,9 @@ class DrafterConfig:
     rms_norm_eps: float = 1e-5
     target_name: str = ""
     draft_vocab_size: int = 0
+    style: str = "jetspec"
+    causal: bool = True
+    mask_token_id: int = -1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tap_layers", tuple(int(i) for i in self.tap_layers))
@@ -69,11 +88,26 @@ class DrafterConfig:
             raise ValueError("a drafter needs at least one tapped target layer")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size must lie in [0, vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.style == "jetspec" and not self.causal:
+            raise ValueError("the 'jetspec' style needs causal block attention (each slot predicts the next "
+                             "position); use style='dflash' for a bidirectional block")
+        if self.style == "dflash" and self.block_size < 2:
+            raise ValueError(f"a 'dflash' block is the anchor plus at least one MASK slot: block_size >= 2, got "
+                             f"{self.block_size}")
+        if not -1 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id must lie in [0, {self.vocab_size}) (or -1: unset), got {self.mask_token_id}")
 
     @property
     def depth(self) -> int:
-        """Depths drafted per forward."""
-        return self.block_size
+        """Depths drafted per forward (``"dflash"``: the anchor's slot drafts none)."""
+        return self.block_size - 1 if self.style == "dflash" else self.block_size
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether the layers normalise queries and keys per head (the DFlash / Qwen3 layer)."""
+        return self.style == "dflash"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -146,6 +180,9 @@ class DrafterLayer(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, h, bias=False)
+        if cfg.qk_norm:  # per-head RMSNorm of queries and keys, before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.post_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
@@ -155,18 +192,23 @@ class DrafterLayer(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, n, self.cfg.head_dim).transpose(1, 2)  # [B, n, S, D]
 
+    def _keys(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        k = self._heads(self.k_proj(x), self.cfg.num_kv_heads)
+        if self.cfg.qk_norm:
+            k = self.k_norm(k)
+        return rotary(k, positions, self.cfg.rope_theta)  # [B, H_kv, S, D]
+
     def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values injected from the fused context ``ctx [B, T, H]`` at ``positions [B, T]``."""
-        k = rotary(self._heads(self.k_proj(ctx), self.cfg.num_kv_heads), positions, self.cfg.rope_theta)
-        v = self._heads(self.v_proj(ctx), self.cfg.num_kv_heads)
-        return k, v  # [B, H_kv, T, D]
+        return self._keys(ctx, positions), self._heads(self.v_proj(ctx), self.cfg.num_kv_heads)  # [B, H_kv, T, D]
 
     def forward(self, x, positions, ctx_k, ctx_v, mask):
         """x: [B, S, H] block states; ctx_k/v: [B, H_kv, T, D]; mask: additive [B or 1, 1, S, T + S]."""
         cfg = self.cfg
         h = self.input_norm(x)
-        q = rotary(self._heads(self.q_proj(h), cfg.num_heads), positions, cfg.rope_theta)
-        k = rotary(self._heads(self.k_proj(h), cfg.num_kv_heads), positions, cfg.rope_theta)
+        q = self._heads(self.q_proj(h), cfg.num_heads)
+        q = rotary(self.q_norm(q) if cfg.qk_norm else q, positions, cfg.rope_theta)
+        k = self._keys(h, positions)
         v = self._heads(self.v_proj(h), cfg.num_kv_heads)
         k = torch.cat([ctx_k, k], dim=2)
         v = torch.cat([ctx_v, v], dim=2)
@@ -260,13 +302,19 @@ class ParallelDrafter(nn.Module):
         """
         b, m = anchors.shape
         s = self.cfg.block_size
-        emb = self.embed(anchors).to(self.mask_embedding.dtype)  # [B, M, H]
+        emb = self._embed_tokens(anchors)  # [B, M, H]
         masks = self.mask_embedding.expand(b, m, s - 1, emb.shape[-1])
         if revealed is not None:
             known = revealed >= 0
-            tokens = self.embed(revealed.clamp(min=0)).to(self.mask_embedding.dtype)
-            masks = torch.where(known[..., None], tokens, masks)
+            masks = torch.where(known[..., None], self._embed_tokens(revealed.clamp(min=0)), masks)
         return torch.cat([emb[:, :, None], masks], dim=2).reshape(b, m * s, -1)  # no in-place: exportable
+
+    def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; with a ``mask_token_id`` that token embeds as the mask, as serving engines do."""
+        emb = self.embed(ids).to(self.mask_embedding.dtype)
+        if self.cfg.mask_token_id >= 0:
+            emb = torch.where((ids == self.cfg.mask_token_id)[..., None], self.mask_embedding, emb)
+        return emb
 
     def forward(self, anchors, block_positions, ctx_kv, mask, revealed=None, head=None) -> torch.Tensor:
         """Draft logits for every block position.
@@ -275,12 +323,16 @@ class ParallelDrafter(nn.Module):
         mask: additive [B or 1, 1, M * S, T + M * S]; revealed: optional [B, M, S - 1] known tokens at block
         positions 1.. (``-1`` = MASK); head: optional ``(weight [V', H], bias)`` in place of the full LM head
         (the draft vocabulary's rows, :meth:`head_rows`), or a function computing those logits from ``h``.
-        Returns logits [B, M, S, V or V'] (index i predicts depth i+1).
+        Returns logits [B, M, D, V or V'], index i = depth i+1 (``D = cfg.depth``: the ``"jetspec"`` style reads
+        them from block slots 0..S-1, the ``"dflash"`` style from the MASK slots 1..S-1).
         """
         x = self.block_states(anchors, revealed)
         for layer, (k, v) in zip(self.layers, ctx_kv):
             x = layer(x, block_positions, k, v, mask)
+        b, m = anchors.shape
+        s = self.cfg.block_size
+        if self.cfg.style == "dflash":  # the anchor's slot drafts nothing
+            x = x.view(b, m, s, -1)[:, :, 1:]
         h = self.norm(x).to(self.lm_head.weight.dtype)
         logits = self.lm_head(h) if head is None else head(h) if callable(head) else F.linear(h, head[0], head[1])
-        b, m = anchors.shape
-        return logits.view(b, m, self.cfg.block_size, -1)
+        return logits.reshape(b, m, self.cfg.depth, -1)

@@ -23,12 +23,16 @@ from .model import ParallelDrafter
 __all__ = ["DraftStep", "visible_mask", "drafter_network", "draft_step_export_spec", "draft_inputs"]
 
 
-def visible_mask(context: int | torch.SymInt, blocks: int, block_size: int, device=None) -> torch.Tensor:
+def visible_mask(context: int | torch.SymInt, blocks: int, block_size: int, device=None,
+                 causal: bool = True) -> torch.Tensor:
     """Boolean ``[1, 1, M*S, T + M*S]`` (True = may attend): every block sees the whole context of ``T``
-    tokens and, causally, its own ``S`` positions; blocks never see each other."""
+    tokens and its own ``S`` positions (causally, or all of them with ``causal=False``); blocks never see each
+    other."""
     n = blocks * block_size
     q = torch.arange(n, device=device)
-    own = (q[:, None] // block_size == q[None, :] // block_size) & (q[None, :] <= q[:, None])  # [n, n]
+    own = q[:, None] // block_size == q[None, :] // block_size  # [n, n]
+    if causal:
+        own = own & (q[None, :] <= q[:, None])
     ctx = torch.ones(n, context, dtype=torch.bool, device=device)  # [n, T]
     return torch.cat([ctx, own], dim=1)[None, None]
 
@@ -43,8 +47,8 @@ class DraftStep(nn.Module):
         revealed: [1, M, S-1] tokens given at block positions 1.. (``-1``: MASK, see ``block_states``);
         block_positions: [1, M*S] positions of the block tokens (``T + t .. T + t + S - 1`` per block);
         past: per drafter layer ``(k, v)`` [1, H_kv, T, D], the cached context keys/values (T may be 0).
-    Returns ``(logprobs [M, S, V] float32, [(k, v) [1, H_kv, t, D] per layer])``; with a draft vocabulary
-    (``DrafterConfig.draft_vocab_size``) the last axis is its ``V'`` entries, in ``model.draft_vocab`` order.
+    Returns ``(logprobs [M, depth, V] float32, [(k, v) [1, H_kv, t, D] per layer])`` (depth:
+    ``model.cfg.depth``); with a draft vocabulary (``DrafterConfig.draft_vocab_size``) the last axis is its ``V'`` entries, in ``model.draft_vocab`` order.
     """
 
     def __init__(self, model: ParallelDrafter, packed: bool = False):
@@ -66,7 +70,8 @@ class DraftStep(nn.Module):
     def forward(self, hidden, positions, anchors, revealed, block_positions, past):
         new = self.model.context_kv(hidden, positions)
         kv = [(torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2)) for (pk, pv), (nk, nv) in zip(past, new)]
-        visible = visible_mask(kv[0][0].shape[2], anchors.shape[1], self.model.cfg.block_size, hidden.device)
+        cfg = self.model.cfg
+        visible = visible_mask(kv[0][0].shape[2], anchors.shape[1], cfg.block_size, hidden.device, cfg.causal)
         # additive, not boolean: for a boolean mask SDPA's decomposition adds a NaN guard (IsNaN, which
         # TensorRT's ONNX parser lacks); no row is fully masked (every block token sees itself), so -inf is safe
         mask = torch.zeros(visible.shape, dtype=kv[0][0].dtype, device=hidden.device).masked_fill(~visible,
@@ -74,7 +79,7 @@ class DraftStep(nn.Module):
         head = None if self.head_weight is None else (self.head_weight, self.head_bias)
         if head is not None and self.packed:
             head = functools.partial(packed_linear, weight=self.head_weight, bias=self.head_bias)
-        logits = self.model(anchors, block_positions, kv, mask, revealed, head)  # [1, M, S, V or V']
+        logits = self.model(anchors, block_positions, kv, mask, revealed, head)  # [1, M, D, V or V']
         return logits[0].float().log_softmax(-1), new
 
 

@@ -44,6 +44,8 @@ _LAYER_NAMES = {
     "k_proj.weight": ("self_attn.k_proj.weight",),
     "v_proj.weight": ("self_attn.v_proj.weight",),
     "o_proj.weight": ("self_attn.o_proj.weight",),
+    "q_norm.weight": ("self_attn.q_norm.weight",),
+    "k_norm.weight": ("self_attn.k_norm.weight",),
     "gate_proj.weight": ("mlp.gate_proj.weight",),
     "up_proj.weight": ("mlp.up_proj.weight",),
     "down_proj.weight": ("mlp.down_proj.weight",),
@@ -152,12 +154,14 @@ def _read_cached(entry: Path, length: int, width: int) -> torch.Tensor | None:
     return hidden
 
 
-def block_mask(anchors: torch.Tensor, length: int, block: int) -> torch.Tensor:
-    """Additive mask ``[1, 1, M*S, T + M*S]``: block m sees context ``< anchors[m]`` and its causal prefix."""
+def block_mask(anchors: torch.Tensor, length: int, block: int, causal: bool = True) -> torch.Tensor:
+    """Additive mask ``[1, 1, M*S, T + M*S]``: block m sees context ``< anchors[m]`` and its causal prefix
+    (its whole block with ``causal=False``)."""
     m = anchors.shape[0]
     q = m * block
     ctx = torch.arange(length)[None, :] < anchors.repeat_interleave(block)[:, None]  # [M*S, T]
-    blk = torch.block_diag(*[torch.ones(block, block).tril().bool()] * m)  # [M*S, M*S]
+    own = torch.ones(block, block).bool()
+    blk = torch.block_diag(*[own.tril() if causal else own] * m)  # [M*S, M*S]
     visible = torch.cat([ctx, blk], dim=1)
     return torch.zeros(1, 1, q, length + q).masked_fill(~visible[None, None], float("-inf"))
 
@@ -229,7 +233,7 @@ def _vocab_index(drafter: ParallelDrafter) -> torch.Tensor:
 
 def _example_loss(drafter: ParallelDrafter, ids, hidden, prompt_len, cfg: TrainConfig, rng: random.Random,
                   target=None) -> tuple[torch.Tensor, int]:
-    s = drafter.cfg.block_size
+    s, d = drafter.cfg.block_size, drafter.cfg.depth
     length = ids.shape[0]
     lo, hi = max(prompt_len - 1, 0), length - 2
     if hi < lo:
@@ -239,22 +243,24 @@ def _example_loss(drafter: ParallelDrafter, ids, hidden, prompt_len, cfg: TrainC
     m = anchors.shape[0]
     positions = (anchors[:, None] + torch.arange(s)[None]).reshape(1, -1)
     ctx_kv = drafter.context_kv(hidden[None].float(), torch.arange(length)[None])
-    label_pos = anchors[:, None] + torch.arange(1, s + 1)[None]  # [M, S]: depth i+1 at index i
+    label_pos = anchors[:, None] + torch.arange(1, d + 1)[None]  # [M, D]: depth i+1 at index i
     valid = label_pos < length
     labels = ids[label_pos.clamp(max=length - 1)]
     revealed = None
-    if cfg.reveal_prob > 0:  # block positions 1..r hold the true path (the output before each is still trained)
+    if cfg.reveal_prob > 0:  # block positions 1..r hold the true path (depths 1..r)
         r = torch.tensor([rng.randint(1, min(cfg.max_reveal, s - 1)) if rng.random() < cfg.reveal_prob else 0
                           for _ in range(m)])
-        keep = (torch.arange(s - 1)[None] < r[:, None]) & valid[:, :-1]
-        revealed = torch.where(keep, labels[:, :-1], -1)[None]
-    logits = drafter(ids[anchors][None], positions, ctx_kv, block_mask(anchors, length, s), revealed,
-                     head=_head(drafter))[0]  # [M, S, V or V']
+        keep = (torch.arange(s - 1)[None] < r[:, None]) & valid[:, :s - 1]
+        revealed = torch.where(keep, labels[:, :s - 1], -1)[None]
+        if drafter.cfg.style == "dflash":  # a revealed slot's output is its own (given) token: no loss there
+            valid = valid & ~keep
+    logits = drafter(ids[anchors][None], positions, ctx_kv, block_mask(anchors, length, s, drafter.cfg.causal),
+                     revealed, head=_head(drafter))[0]  # [M, D, V or V']
     if drafter.draft_vocab is not None:  # labels as draft-vocabulary indices; tokens outside it carry no loss
         labels = _vocab_index(drafter)[labels]
         valid = valid & (labels >= 0)
         labels = labels.clamp(min=0)
-    weights = torch.exp(-(torch.arange(s, dtype=torch.float32)) / cfg.gamma)[None].expand(m, -1)
+    weights = torch.exp(-(torch.arange(d, dtype=torch.float32)) / cfg.gamma)[None].expand(m, -1)
     if cfg.loss == "ce":
         per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
     else:
@@ -390,8 +396,8 @@ def evaluate(drafter: ParallelDrafter, features, anchors: int = 16, seed: int = 
     was_training = drafter.training
     drafter.eval()
     rng = random.Random(seed)
-    s = drafter.cfg.block_size
-    hits, counts = torch.zeros(s), torch.zeros(s)
+    s, d = drafter.cfg.block_size, drafter.cfg.depth
+    hits, counts = torch.zeros(d), torch.zeros(d)
     for ids, hidden, prompt_len in features:
         length = ids.shape[0]
         lo, hi = max(prompt_len - 1, 0), length - 2
@@ -400,11 +406,12 @@ def evaluate(drafter: ParallelDrafter, features, anchors: int = 16, seed: int = 
         a = torch.tensor(sorted(rng.sample(range(lo, hi + 1), min(anchors, hi - lo + 1))))
         positions = (a[:, None] + torch.arange(s)[None]).reshape(1, -1)
         ctx = drafter.context_kv(hidden[None].float(), torch.arange(length)[None])
-        logits = drafter(ids[a][None], positions, ctx, block_mask(a, length, s), head=_head(drafter))[0]
+        logits = drafter(ids[a][None], positions, ctx, block_mask(a, length, s, drafter.cfg.causal),
+                         head=_head(drafter))[0]
         pred = logits.argmax(-1)
         if drafter.draft_vocab is not None:
             pred = drafter.draft_vocab[pred]
-        pos = a[:, None] + torch.arange(1, s + 1)[None]
+        pos = a[:, None] + torch.arange(1, d + 1)[None]
         valid = pos < length
         right = (pred == ids[pos.clamp(max=length - 1)]) & valid
         hits += right.sum(0)
