@@ -7,7 +7,7 @@ export JETSPEC_CACHE ?= $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow test-compat gpu-check bench support-sweep clean
+.PHONY: venv demo test test-slow test-compat gpu-check bench support-sweep test-vllm clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ bench: venv
 support-sweep: venv
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/support_sweep.py
 
+# vLLM serving a DFlash drafter exported by jetspec_compile: identical output, acceptance next to ours. Needs the
+# vLLM CPU venv (`make peers`, or VLLM_PYTHON pointing at one).
+VLLM_PYTHON ?= .peers/vllm/bin/python
+
+test-vllm: venv
+	JETSPEC_VLLM_PYTHON=$(abspath $(VLLM_PYTHON)) $(PY) -m pytest -q -m peers tests/test_vllm_dflash.py
+
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .cache
 
@@ -53,7 +60,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml .ci/constraints-compat.txt
 	touch $@
 
 # COMPAT_MARK=unit runs only the unit layer (about a minute); the default is the whole default suite.
-COMPAT_MARK ?= not slow
+COMPAT_MARK ?= not slow and not peers
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__.startswith('5.17'), transformers.__version__"
 	$(COMPAT_VENV)/bin/python -m pytest -q -m "$(COMPAT_MARK)"

@@ -6,6 +6,7 @@
     jetspec-compile check --model smollm2 --drafter drafters/smollm2
     jetspec-compile bench --model smollm2 --drafter drafters/smollm2 --prompts humaneval gsm
     jetspec-compile export-trt --model smollm2 --drafter smollm2 --out engines/
+    jetspec-compile export-vllm drafters/smollm2-dflash/drafter vllm-drafter/
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def cmd_train(args) -> None:
                         sample_temperature=args.temperature, layers=args.layers, block_size=args.block_size,
                         tap_layers=tuple(args.tap_layers) if args.tap_layers else None, train=train,
                         feature_cache=args.feature_cache, use_feature_cache=not args.no_feature_cache,
-                        draft_vocab=args.draft_vocab, init_from=args.init_from, resume=not args.restart)
+                        draft_vocab=args.draft_vocab, init_from=args.init_from, resume=not args.restart,
+                        style=args.style, causal=not args.bidirectional, mask_token_id=args.mask_token_id)
     except ValueError as err:
         raise SystemExit(f"train-drafter: {err}") from err
     torch.set_num_threads(args.threads)
@@ -139,6 +141,25 @@ def cmd_export(args) -> None:
     print("wrote", *paths.values())
 
 
+def cmd_export_vllm(args) -> None:
+    from .capture import text_config
+    from .drafter import drafter_folder, load_drafter
+    from .drafter.dflash_format import export_dflash, export_problem
+
+    model, _ = load_target(args.model)
+    drafter = load_drafter(drafter_folder(args.drafter), model)
+    problem = export_problem(drafter.cfg, args.layout)
+    if problem:
+        raise SystemExit(f"{args.drafter}: {problem}")
+    tc = text_config(model)
+    out = export_dflash(drafter, args.out, args.layout, verifier=args.model,
+                        max_position_embeddings=getattr(tc, "max_position_embeddings", 8192))
+    k = drafter.cfg.depth
+    print(f"wrote {out} ({args.layout} DFlash layout, {k} draft tokens per block). Serve it with vLLM:\n"
+          f"  LLM(model=TARGET, speculative_config={{'method': 'dflash', 'model': '{out}', "
+          f"'num_speculative_tokens': {k}}})")
+
+
 def cmd_bench(args) -> None:
     run_bench_cli(args)
 
@@ -182,6 +203,13 @@ def main(argv=None) -> None:
     tr.add_argument("--draft-vocab", type=int, default=RECIPE.draft_vocab,
                     help="train and draft over the N most frequent tokens of the target's responses (0: all; see "
                          "draft-vocab)")
+    tr.add_argument("--style", choices=["jetspec", "dflash"], default="jetspec",
+                    help="drafter shape: 'dflash' is the one vLLM and SGLang serve (export-vllm); 'jetspec': every "
+                         "block slot predicts the next position")
+    tr.add_argument("--bidirectional", action="store_true", help="--style dflash: attention inside a block sees the "
+                    "whole block (DFlash's own choice) instead of a causal prefix")
+    tr.add_argument("--mask-token-id", type=int, help="--style dflash: the token engines feed in MASK slots "
+                    "(default: the highest id that never occurs in the training data)")
     tr.add_argument("--seed", type=int, default=RECIPE.train.seed)
     tr.add_argument("--threads", type=int, default=2)
     tr.add_argument("--restart", action="store_true", help="ignore an existing train state in --out")
@@ -230,6 +258,16 @@ def main(argv=None) -> None:
         ex.add_argument("--width", type=int, default=4)
         ex.add_argument("--threads", type=int, default=2)
         ex.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("export-vllm", help="write a --style dflash drafter as a DFlash checkpoint that vLLM "
+                        "(speculative method 'dflash') and SGLang (DFLASH) load")
+    ev.add_argument("drafter", help="drafter checkpoint folder")
+    ev.add_argument("out", help="output folder")
+    ev.add_argument("--model", default="smollm2", help="the drafter's target ('smollm2' or a local HF folder)")
+    ev.add_argument("--layout", choices=["native", "speculators"], default="native",
+                    help="'native': vLLM's DFlashDraftModel config; 'speculators': the speculators package's format "
+                         "(bidirectional drafters only)")
+    ev.set_defaults(func=cmd_export_vllm)
 
     be = sub.add_parser("bench", help="benchmark against HF generate and assisted generation, interleaved")
     add_bench_arguments(be)

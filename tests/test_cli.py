@@ -5,7 +5,7 @@ import pytest
 
 
 @pytest.mark.parametrize("command", ["train-drafter", "check", "bench", "export-onnx", "export-aoti", "export-trt",
-                                     "draft-vocab", "build-corpus"])
+                                     "draft-vocab", "build-corpus", "export-vllm"])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "jetspec_compile.cli", command, "--help"], capture_output=True,
                          text=True, timeout=120)

@@ -11,7 +11,8 @@ Two layouts, both a folder with ``config.json``, ``model.safetensors`` and optio
   its own): ``"speculators_model_type": "dflash"``, the decoder sizes under ``transformer_layer_config``, the taps
   as ``aux_hidden_state_layer_ids`` (counted like vLLM's auxiliary hidden-state layers: the *input* of layer
   ``j``, so tap ``i`` is ``i + 1``), ``block_size``, ``mask_token_id``, and a ``speculators_config`` naming the
-  verifier. Its blocks are always bidirectional.
+  verifier. Exported blocks are bidirectional (``"sliding_window_non_causal": true``); on import a ``false`` there
+  means causal blocks, as vLLM reads it.
 
 Weights carry no prefix: ``fc.weight [H, K·H_target]``, ``hidden_norm.weight``, ``norm.weight``, and per layer
 ``layers.{i}.input_layernorm``, ``post_attention_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``self_attn.{q,k}_norm``,
@@ -42,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from ..capture import text_config
 from .model import DrafterConfig, ParallelDrafter, vocab_problem
 
-__all__ = ["export_dflash", "load_dflash_drafter", "dflash_layout", "export_problem", "LAYOUTS"]
+__all__ = ["export_dflash", "load_dflash_drafter", "dflash_layout", "export_problem", "unused_token", "LAYOUTS"]
 
 LAYOUTS = ("native", "speculators")
 CONFIG, WEIGHTS, MASK_FILE = "config.json", "model.safetensors", "mask_embedding.pt"
@@ -81,8 +82,23 @@ def export_problem(cfg: DrafterConfig, layout: str = "native") -> str | None:
     if cfg.mask_token_id < 0:
         return "the drafter has no mask_token_id (DrafterConfig.mask_token_id): engines feed that token in MASK slots"
     if layout == "speculators" and cfg.causal:
-        return "the speculators DFlash format has bidirectional blocks only; export a causal drafter as 'native'"
+        return ("the speculators DFlash format trains bidirectional blocks only; export a causal drafter in the "
+                "'native' layout")
     return None
+
+
+def unused_token(records, vocab_size: int) -> int:
+    """A mask token for a new DFlash drafter: the highest token id that occurs nowhere in ``records``
+    (self-distillation records with ``prompt_ids`` / ``response_ids``), so a real token is never embedded as the
+    mask by an engine."""
+    seen = set()
+    for rec in records:
+        seen.update(rec.get("prompt_ids", ()))
+        seen.update(rec.get("response_ids", ()))
+    for token in range(vocab_size - 1, -1, -1):
+        if token not in seen:
+            return token
+    raise ValueError("every token of the vocabulary occurs in the data: pass a mask token id explicitly")
 
 
 def _qwen3_config(cfg: DrafterConfig, max_position_embeddings: int, dtype: torch.dtype) -> dict:
@@ -92,7 +108,7 @@ def _qwen3_config(cfg: DrafterConfig, max_position_embeddings: int, dtype: torch
         "intermediate_size": cfg.intermediate_size, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": None, "max_position_embeddings": max_position_embeddings,
         "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "attention_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -133,6 +149,7 @@ def export_dflash(drafter, out: str | Path, layout: str = "native", *, max_posit
             "architectures": ["DFlashSpeculator"], "speculators_model_type": "dflash",
             "transformer_layer_config": qwen, "draft_vocab_size": draft_size, "block_size": cfg.block_size,
             "target_hidden_size": cfg.target_hidden_size, "mask_token_id": cfg.mask_token_id,
+            "sliding_window_non_causal": True,
             "aux_hidden_state_layer_ids": [i + 1 for i in cfg.tap_layers],
             "speculators_config": {
                 "algorithm": "dflash", "default_proposal_method": "greedy",
@@ -187,7 +204,7 @@ def _read_config(folder: Path, target) -> tuple[DrafterConfig, dict]:
         layer = dict(raw.get("transformer_layer_config") or {})
         taps = [int(i) - 1 for i in raw.get("aux_hidden_state_layer_ids") or []]
         mask_id = raw.get("mask_token_id")
-        causal = False
+        causal = not raw.get("sliding_window_non_causal", True)  # as vLLM reads it
         draft_size = raw.get("draft_vocab_size")
     else:
         layer = raw

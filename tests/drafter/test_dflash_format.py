@@ -76,7 +76,7 @@ def test_the_default_shape_and_inexpressible_drafters_are_refused(tmp_path):
     plain = ParallelDrafter(cfg, target.get_input_embeddings(), target.get_output_embeddings())
     with pytest.raises(ValueError, match="'jetspec' shape.*--style dflash"):
         export_dflash(plain, tmp_path / "d")
-    with pytest.raises(ValueError, match="bidirectional blocks only"):
+    with pytest.raises(ValueError, match="bidirectional blocks only; export a causal"):
         export_dflash(dflash_drafter(target, causal=True), tmp_path / "d", "speculators")
     no_mask = DrafterConfig.for_target(target.config, TAPS, num_layers=1, block_size=4, style="dflash")
     with pytest.raises(ValueError, match="mask_token_id"):
@@ -222,3 +222,19 @@ def test_foreign_checkpoints_with_what_we_do_not_run_are_refused(tmp_path):
     (tmp_path / "d" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="missing.*layers.2"):
         load_drafter(tmp_path / "d", target)
+
+
+def test_export_vllm_command(tmp_path, monkeypatch, capsys):
+    from jetspec_compile import cli
+    from jetspec_compile.drafter import save_drafter
+
+    target = make_model("qwen3")
+    monkeypatch.setattr(cli, "load_target", lambda name: (target, None))
+    save_drafter(dflash_drafter(target), tmp_path / "ours")
+    cli.main(["export-vllm", str(tmp_path / "ours"), str(tmp_path / "vllm")])
+    assert dflash_layout(tmp_path / "vllm") == "native" and "num_speculative_tokens': 4" in capsys.readouterr().out
+    cfg = DrafterConfig.for_target(target.config, TAPS, num_layers=1, block_size=4)
+    save_drafter(ParallelDrafter(cfg, target.get_input_embeddings(), target.get_output_embeddings()), tmp_path / "js")
+    with pytest.raises(SystemExit, match="'jetspec' shape"):
+        cli.main(["export-vllm", str(tmp_path / "js"), str(tmp_path / "no")])
+    assert not (tmp_path / "no").exists()
