@@ -64,8 +64,8 @@ def corpus_records(sequences: int, max_len: int = 192, prompt_tail: int = 6) -> 
     return records[::step][:sequences], tokens
 
 
-def train_from_corpus(model, tok, out: Path, *, sequences: int = 96, epochs: int = 4, layers: int = 2,
-                      block_size: int = 8, seed: int = 0) -> Path:
+def train_from_corpus(model, tok, out: Path, *, sequences: int = 40, max_len: int = 128, epochs: int = 10,
+                      layers: int = 2, block_size: int = 8, seed: int = 0) -> Path:
     """A bidirectional ``style="dflash"`` drafter for SmolLM2 trained on :func:`corpus_records` (same taps and
     draft vocabulary size as the shipped one); returns its checkpoint folder ``out/drafter``."""
     from jetspec_compile.drafter import DrafterConfig
@@ -74,9 +74,9 @@ def train_from_corpus(model, tok, out: Path, *, sequences: int = 96, epochs: int
     from jetspec_compile.drafter.vocab import frequent_tokens
     from jetspec_compile.passes import default_tap_layers
 
-    records, tokens = corpus_records(sequences)
+    records, tokens = corpus_records(sequences, max_len)
     taps = default_tap_layers(model.config.num_hidden_layers)
-    feats = compute_features(model, records, taps, cache_dir=out / "features")
+    feats = compute_features(model, records, taps, max_len=max_len, cache_dir=out / "features")
     mask = unused_token([{"response_ids": [t for t in tokens if t >= 0]}], model.config.vocab_size)
     cfg = DrafterConfig.for_target(model.config, taps, num_layers=layers, block_size=block_size, style="dflash",
                                    causal=False, mask_token_id=mask)
