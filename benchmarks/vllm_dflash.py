@@ -70,7 +70,7 @@ def train_from_corpus(model, tok, out: Path, *, sequences: int = 40, max_len: in
     draft vocabulary size as the shipped one); returns its checkpoint folder ``out/drafter``."""
     from jetspec_compile.drafter import DrafterConfig
     from jetspec_compile.drafter.dflash_format import unused_token
-    from jetspec_compile.drafter.train import TrainConfig, compute_features, evaluate, train_drafter
+    from jetspec_compile.training.train import TrainConfig, compute_features, evaluate, train_drafter
     from jetspec_compile.drafter.vocab import frequent_tokens
     from jetspec_compile.passes import default_tap_layers
 

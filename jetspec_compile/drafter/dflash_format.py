@@ -243,11 +243,21 @@ def _read_config(folder: Path, target) -> tuple[DrafterConfig, dict]:
         raise ValueError(f"{where}: a drafter {hidden} wide for a target of hidden size "
                          f"{raw.get('target_hidden_size') or hidden}; this target's is {tc.hidden_size} (jetspec_compile "
                          "runs drafters as wide as their target)")
+    problems = []
+    vocab = int(layer.get("vocab_size", tc.vocab_size))
+    if vocab != tc.vocab_size:
+        problems.append(f"vocabulary {vocab} != the target's {tc.vocab_size}")
+    layers = int(raw.get("num_target_layers") or tc.num_hidden_layers)
+    if layers != tc.num_hidden_layers:
+        problems.append(f"made for a target of {layers} layers, this one has {tc.num_hidden_layers}")
+    if max(taps) >= tc.num_hidden_layers or min(taps) < 0:
+        problems.append(f"taps layers {taps}, the target has {tc.num_hidden_layers}")
+    if problems:
+        raise ValueError(f"{where}: this DFlash drafter was trained for another target: " + "; ".join(problems))
     heads = int(layer["num_attention_heads"])
     theta = rope.get("rope_theta", layer.get("rope_theta", 1_000_000.0))
     cfg = DrafterConfig(
-        target_hidden_size=hidden, vocab_size=int(layer.get("vocab_size", tc.vocab_size)), tap_layers=tuple(taps),
-        target_num_layers=int(raw.get("num_target_layers") or tc.num_hidden_layers),
+        target_hidden_size=hidden, vocab_size=vocab, tap_layers=tuple(taps), target_num_layers=layers,
         num_layers=int(layer["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=int(layer.get("num_key_value_heads") or heads),
         head_dim=int(layer.get("head_dim") or hidden // heads), intermediate_size=int(layer["intermediate_size"]),
@@ -285,13 +295,10 @@ def load_dflash_drafter(folder: str | Path, target, dtype: torch.dtype = torch.f
     """Load a DFlash checkpoint folder (native or speculators layout) as a ``"dflash"``-style drafter attached to
     ``target``'s embedding and LM head, ready for :class:`~jetspec_compile.drafter.JetSpecDrafter` (tree drafting
     over its per-depth distributions)."""
-    from .checkpoint import check_drafter_fits
-
     folder = Path(folder)
     if dflash_layout(folder) is None:
         raise ValueError(f"{folder / CONFIG} does not describe a DFlash drafter")
-    cfg, raw = _read_config(folder, target)
-    check_drafter_fits(cfg, target)
+    cfg, raw = _read_config(folder, target)  # checks that it fits ``target``
     state = _read_weights(folder)
     vocab = None
     if "d2t" in state:

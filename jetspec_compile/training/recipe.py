@@ -39,6 +39,9 @@ class Recipe:
         draft_vocab: draft over the N most frequent response tokens (0: the whole vocabulary).
         init_from: continue from (and with more ``layers``, grow) this drafter checkpoint.
         resume: continue a training state found in the output folder.
+        style, causal, mask_token_id: the drafter shape (:class:`~jetspec_compile.drafter.model.DrafterConfig`);
+            ``"dflash"`` is the one serving engines run (``jetspec-compile export-vllm``); its mask token defaults
+            to the highest id that never occurs in the data.
     """
 
     prompts: tuple[str, ...] = ("humaneval", "pyfunc", "gsm", "codeio")
@@ -58,6 +61,9 @@ class Recipe:
     draft_vocab: int = 4096
     init_from: str | None = None
     resume: bool = True
+    style: str = "jetspec"
+    causal: bool = True
+    mask_token_id: int | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.sample_sets or ()) - set(self.prompts)
@@ -66,6 +72,8 @@ class Recipe:
                              "that are also in prompts")
         if not self.prompts:
             raise ValueError("no training prompts: name prompt sets (humaneval pyfunc gsm codeio) or .jsonl files")
+        if self.style != "dflash" and (not self.causal or self.mask_token_id is not None):
+            raise ValueError("a bidirectional block and a mask token id belong to the 'dflash' style")
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -100,7 +108,13 @@ def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, dat
     features_dir = Path(recipe.feature_cache or cache_dir() / "features") if recipe.use_feature_cache else None
     feats = compute_features(model, records, taps, cache_dir=features_dir, progress=progress)
     n_eval = max(1, len(feats) // 20)
-    dcfg = DrafterConfig.for_target(model.config, taps, num_layers=recipe.layers, block_size=recipe.block_size)
+    shape = {}
+    if recipe.style == "dflash":
+        from ..drafter.dflash_format import unused_token
+        mask = recipe.mask_token_id if recipe.mask_token_id is not None else unused_token(records, model.config.vocab_size)
+        shape = dict(style="dflash", causal=recipe.causal, mask_token_id=mask)
+    dcfg = DrafterConfig.for_target(model.config, taps, num_layers=recipe.layers, block_size=recipe.block_size,
+                                    **shape)
     vocab = draft_vocab_of(records, recipe.draft_vocab, tokenizer) if recipe.draft_vocab else None
     drafter = train_drafter(model, feats[n_eval:], dcfg, recipe.train, out, resume=recipe.resume,
                             eval_features=feats[:n_eval], init_checkpoint=recipe.init_from, draft_vocab=vocab,

@@ -215,7 +215,9 @@ def test_foreign_checkpoints_with_what_we_do_not_run_are_refused(tmp_path):
                             ({"layer_types": ["sliding_attention", "full_attention"]}, "sliding-window"),
                             ({"hidden_size": 32}, "32 wide"),
                             ({"dflash_config": {"mask_token_id": MASK_ID, "target_layer_ids": [0, 7]}},
-                             "another target")):
+                             "another target: taps"),
+                            ({"vocab_size": VOCAB + 1}, "another target: vocabulary"),
+                            ({"num_target_layers": 5}, "another target: made for a target of 5 layers")):
         (tmp_path / "d" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=message):
             load_drafter(tmp_path / "d", target)

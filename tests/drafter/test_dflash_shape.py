@@ -8,8 +8,8 @@ import torch
 
 import jetspec_compile as js
 from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
-from jetspec_compile.drafter.train import block_mask, evaluate, train_drafter
-from tests.drafter.test_train import setup, small  # noqa: F401  (the fixture and the short schedule)
+from jetspec_compile.training.train import block_mask, evaluate, train_drafter
+from tests.training.test_train import setup, small  # noqa: F401  (the fixture and the short schedule)
 from tests.families import VOCAB, make_model
 
 
