@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, help="draft tokens per step (default: the drafter's block depth)")
     ap.add_argument("--vllm-python")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from jetspec_compile.drafter import load_drafter
