@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -82,8 +83,8 @@ def accept(logits: torch.Tensor, trees: list[DraftTree], params: SamplingParams)
     return accept_sampled(logits, trees, params.temperature, params.top_k, params.top_p, params.generator)
 
 
-@dataclass
-class LoopStats:
+@dataclass(eq=False)
+class LoopStats(Mapping):
     """Statistics of one speculative loop (what ``SpecModel.last_stats`` holds). Fields read as attributes or,
     like a dict, by name (``stats["tau"]``).
 
@@ -96,6 +97,8 @@ class LoopStats:
         acceptance_histogram: ``{accepted path length: steps}`` (the root counts: 1 = nothing drafted accepted).
         budgets_used: ``{budget: steps}`` as the budget controller chose.
         defragmentations: KV-cache compactions; trace: ``(seconds, tokens emitted)`` after every step.
+
+    A read-only mapping of these names too (``stats["tau"]``, ``stats.get(...)``, ``dict(stats)``).
         batch_size: rows of the loop (more than a call's own when calls were batched together).
     """
 
@@ -121,11 +124,11 @@ class LoopStats:
             raise KeyError(name)
         return getattr(self, name)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.__dataclass_fields__
+    def __iter__(self):
+        return iter(self.__dataclass_fields__)
 
-    def keys(self):
-        return self.__dataclass_fields__.keys()
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
 
     def finish(self, start: float, accepted_lengths: Counter, new_tokens: int) -> "LoopStats":
         self.seconds = time.perf_counter() - start
