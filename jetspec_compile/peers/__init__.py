@@ -86,8 +86,8 @@ class VLLMPeer:
     ``log`` receives the worker's stderr (vLLM's own log); its tail is quoted when the worker fails.
     """
 
-    def __init__(self, config: PeerConfig, python: str | os.PathLike | None = None, log: str | os.PathLike | None = None,
-                 start_timeout: float = 900.0):
+    def __init__(self, config: PeerConfig, python: str | os.PathLike | None = None,
+                 log: str | os.PathLike | None = None):
         self.config = config
         self.python = find_peer_python(python)
         self.log_path = Path(log) if log else None

@@ -67,8 +67,9 @@ def build_engine(cfg: dict):
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from vllm import LLM
 
-    kwargs = dict(model=cfg["model"], dtype=cfg.get("dtype", "float32"), max_model_len=int(cfg.get("max_model_len", 2048)),
-                  max_num_seqs=int(cfg.get("max_num_seqs", 16)), seed=int(cfg.get("seed", 0)),
+    kwargs = dict(model=cfg["model"], dtype=cfg.get("dtype", "float32"),
+                  max_model_len=int(cfg.get("max_model_len", 2048)), max_num_seqs=int(cfg.get("max_num_seqs", 16)),
+                  seed=int(cfg.get("seed", 0)),
                   skip_tokenizer_init=True, disable_log_stats=False)
     method = cfg.get("method", "plain")
     if method == "ngram":
