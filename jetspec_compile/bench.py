@@ -468,25 +468,31 @@ def run_bench_cli(args) -> None:
         result = run_bench(model, tok, factory, {k: v[:args.limit + 1] for k, v in sets.items()},
                            max_new_tokens=args.max_new_tokens, assisted=not args.no_assisted, peers=peers,
                            specs=specs)
+        result["peers"] = {name: {"vllm": p.version, "config": p.config.__dict__, "ld_preload": p.ld_preload}
+                           for name, p in peers.items()}
+        table = markdown(result["summary"], result["methods"])
+        if peers:
+            table += "\n\n" + identity_report(result["records"], result["methods"])
+        _write(out, result, table)  # the batch-1 table is kept even if the batches are interrupted
+        print(table, flush=True)
         if args.batch:  # prompts pooled over the sets, one from each in turn
             pool = [p for group in zip(*sets.values()) for p in group]
             result["batches"] = run_batches(model, specs, pool, args.batch, max_new_tokens=args.max_new_tokens,
                                             peers=peers)
-        result["peers"] = {name: {"vllm": p.version, "config": p.config.__dict__, "ld_preload": p.ld_preload}
-                           for name, p in peers.items()}
+            batches = batch_markdown(result["batches"], peers=list(peers))
+            table += "\n\n" + batches
+            _write(out, result, table)
+            print("\n" + batches)
     finally:
         for peer in peers.values():
             peer.close()
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result["summary"], result["methods"])
-    if peers:
-        table += "\n\n" + identity_report(result["records"], result["methods"])
-    if args.batch:
-        table += "\n\n" + batch_markdown(result["batches"], peers=list(peers))
-    (out / "bench.md").write_text(table + "\n")
     paths = plot(result, out)
-    print(table)
     print("wrote", out / "bench.json", out / "bench.md", *paths)
+
+
+def _write(out: Path, result: dict, table: str) -> None:
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(table + "\n")
 
 
 def _model_path(name: str) -> Path:
