@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -462,6 +464,8 @@ def run_bench_cli(args) -> None:
         sets[Path(name).stem] = [encode_chat(tok, t) for t in texts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # a terminated bench still closes its peer engines (the finally below), instead of orphaning them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     peers = start_peers(args, _model_path(args.model), out)
     try:
         specs = build_specs(model, factory, budgets=args.budgets, backends=args.backends)
