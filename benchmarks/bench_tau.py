@@ -1,13 +1,14 @@
 """Mean accepted length τ of a drafter on held-out prompts, for several tree budgets and shapes.
 
-Greedy decoding of held-out HumanEval and GSM-style prompts (test split: never in the drafter's training
-data); every output is checked token-identical to HF greedy decoding. τ does not depend on timing, so this is
-reproducible on a busy machine. Shapes: ``chain`` (width 1), ``tree`` (best-first over per-depth marginals,
-width 4) and ``path`` (the same, plus the subtrees of the best ``--path-branches`` depth-1 tokens re-drafted
-conditioned on them: one more drafter forward). The drafter's time per step is printed next to τ, because
-path conditioning is not free.
+Greedy decoding of held-out prompts (test split: never in the drafter's training data; HumanEval and GSM-style
+by default, ``--sets sharegpt`` for general chat); every output is checked token-identical to HF greedy
+decoding. τ does not depend on timing, so this is reproducible on a busy machine. Shapes: ``chain`` (width 1),
+``tree`` (best-first over per-depth marginals, width 4) and ``path`` (the same, plus the subtrees of the best
+``--path-branches`` depth-1 tokens re-drafted conditioned on them: one more drafter forward). The drafter's
+time per step is printed next to τ, because path conditioning is not free.
 
-    python benchmarks/bench_tau.py [--drafter smollm2] [--budgets 8 16 32 64] [--widths 4] [--limit 5] [--path-branches 3]
+    python benchmarks/bench_tau.py [--drafter smollm2 [OTHER ...]] [--sets humaneval gsm sharegpt]
+                                   [--budgets 8 16 32 64] [--widths 4] [--limit 5] [--path-branches 3]
                                    [--draft-vocab 0 2048 4096] [--lookup-nodes auto 0] [--corpus on off]
                                    [--json tau.json] [--plot tau.png]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +32,8 @@ from jetspec_compile.prompts import encode_chat, load_prompts
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--drafter", default="smollm2")
+    ap.add_argument("--drafter", nargs="+", default=["smollm2"],
+                    help="drafter folders ('smollm2': the shipped one); several are compared on the same references")
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--sets", nargs="+", default=["humaneval", "gsm"])
     ap.add_argument("--limit", type=int, default=5)
@@ -61,7 +64,7 @@ def main() -> None:
     if args.path_branches:
         configs += [("path", b, w, args.path_branches) for b in args.budgets for w in args.widths]
     lookups = [None if n == "auto" else int(n) for n in args.lookup_nodes]
-    configs = [c + (v, n, k) for c in configs if c[0] in args.shapes
+    configs = [(d,) + c + (v, n, k) for d in args.drafter for c in configs if c[0] in args.shapes
                for v in args.draft_vocab for n in lookups for k in args.corpus]
     records = None
     if any(v for v in args.draft_vocab):
@@ -69,8 +72,8 @@ def main() -> None:
         records = read_sequences(args.data or cache_dir() / "data" / "smollm2_selfdistill.jsonl")
     results = []
     bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")
-    for shape, budget, width, branches, vocab, lookup, corpus in configs:
-        drafter = load_jetspec_drafter(args.drafter, model, width=width, path_branches=branches, lookup_nodes=lookup,
+    for folder, shape, budget, width, branches, vocab, lookup, corpus in configs:
+        drafter = load_jetspec_drafter(folder, model, width=width, path_branches=branches, lookup_nodes=lookup,
                                        corpus=corpus == "on")
         if vocab is not None:
             ids = frequent_tokens(records, vocab, always=[tok.eos_token_id]) if vocab else None
@@ -95,16 +98,18 @@ def main() -> None:
                 draft_seconds += spec.last_stats["draft_seconds"]
                 verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
-            results.append({"set": s, "shape": shape, "budget": budget, "width": width, "draft_vocab": vocab,
-                            "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
+            results.append({"drafter": folder, "set": s, "shape": shape, "budget": budget, "width": width,
+                            "draft_vocab": vocab, "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
                             "draft_ms": 1e3 * draft_seconds / steps, "verify_ms": 1e3 * verify_seconds / steps,
                             "identical": identical})
     bar.close()
-    print(f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} {'lookup':>6s} {'corpus':>6s} "
-          f"{'tau':>6s} {'draft ms':>8s} {'verify ms':>9s} identical")
+    named = len(args.drafter) > 1
+    print(("drafter " if named else "") + f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} "
+          f"{'lookup':>6s} {'corpus':>6s} {'tau':>6s} {'draft ms':>8s} {'verify ms':>9s} identical")
     for r in results:
-        print(f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} {r['width']:5d} {r['draft_vocab'] or 'all':>6} "
-              f"{r['lookup_nodes'] if r['lookup_nodes'] is not None else 'auto':>6} {r['corpus']:>6s} "
+        lookup = r['lookup_nodes'] if r['lookup_nodes'] is not None else 'auto'
+        print((f"{r['drafter']} " if named else "") + f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} "
+              f"{r['width']:5d} {r['draft_vocab'] or 'all':>6} {lookup:>6} {r['corpus']:>6s} "
               f"{r['tau']:6.2f} {r['draft_ms']:8.1f} {r['verify_ms']:9.1f} {r['identical']}")
     if args.json:
         with open(args.json, "w") as fh:
@@ -123,7 +128,8 @@ def plot_tau(results: list[dict], path: str) -> None:
     lines: dict[tuple, list[tuple[int, float]]] = {}
     for r in results:
         lookup = "auto" if r["lookup_nodes"] is None else r["lookup_nodes"]
-        key = (r["set"], r["shape"], f"W{r['width']}", f"lookup {lookup}", f"corpus {r['corpus']}")
+        key = (Path(r["drafter"]).name, r["set"], r["shape"], f"W{r['width']}", f"lookup {lookup}",
+               f"corpus {r['corpus']}")
         lines.setdefault(key, []).append((r["budget"], r["tau"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, points in sorted(lines.items()):

@@ -7,6 +7,10 @@ speculative output is token-identical to HF greedy output; it writes JSON, a Mar
 With ``--sample T[,top_p]`` every method also runs sampled (rows ``*-sample``, seeded per prompt): their speedups
 are against HF sampling with the same warping, and sampled outputs are not compared token by token (the chi-square
 tests in ``tests/runtime/test_sampling.py`` are the proof that sampling is lossless).
+
+``--peers vllm`` adds vLLM's CPU build (plain decoding and its n-gram speculation, from the venv ``make peers``
+creates, driven as a subprocess) to the same interleaved runs, compares its outputs with HF's and prints each
+method's ratio to the strongest peer. ``--batch 4 16`` adds a table of whole-batch throughput.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,11 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .drafter import NGramDrafter, load_jetspec_drafter
+from .peers import PEERS, PeerConfig, PeerUnavailable, VLLMPeer
 from .prompts import encode_chat, load_jsonl, load_prompts
 from .runtime.spec_model import optimize
 from .targets import load_target
 
-__all__ = ["add_bench_arguments", "run_bench", "run_bench_cli", "run_interleaved"]
+__all__ = ["add_bench_arguments", "build_specs", "run_batches", "run_bench", "run_bench_cli", "run_interleaved"]
 
 
 def add_bench_arguments(ap) -> None:
@@ -35,7 +42,7 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--drafter", default="smollm2",
                     help="drafter checkpoint folder, 'smollm2' (shipped) or 'ngram' (training-free)")
     ap.add_argument("--prompts", nargs="+", default=["humaneval", "gsm"],
-                    help="prompt sets (humaneval gsm codeio pyfunc) and/or .jsonl files; test split")
+                    help="prompt sets (humaneval gsm codeio pyfunc sharegpt) and/or .jsonl files; test split")
     ap.add_argument("--limit", type=int, default=8, help="prompts per set (plus one warm-up)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--budgets", nargs="+", default=["8"], help="tree budgets to run (ints or 'auto')")
@@ -55,6 +62,18 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--sample", default=None, metavar="T[,TOP_P]", type=parse_sample,
                     help="also run HF and every speculative method sampled at temperature T (and top-p), as "
                          "'*-sample' rows compared with HF sampling, e.g. --sample 0.7,0.9")
+    ap.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS),
+                    help="other engines on the same prompts: 'vllm' adds vLLM CPU plain decoding and vLLM n-gram "
+                         "speculation (needs the venv `make peers` creates)")
+    ap.add_argument("--peer-python", help="Python of the vLLM environment (default: $JETSPEC_VLLM_PYTHON or "
+                                          ".peers/vllm/bin/python)")
+    ap.add_argument("--vllm-spec-tokens", type=int, default=8, help="tokens vLLM's n-gram speculation proposes")
+    ap.add_argument("--vllm-lookup", type=int, nargs=2, default=[2, 5], metavar=("MIN", "MAX"),
+                    help="n-gram sizes vLLM's n-gram speculation matches")
+    ap.add_argument("--vllm-kv-gib", type=int, default=1, help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE, GiB)")
+    ap.add_argument("--batch", type=int, nargs="*", default=[],
+                    help="also time whole batches of these sizes (prompts pooled over the sets, left-padded): "
+                         "jetspec vs HF batched generate vs the peers with as many concurrent requests")
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and plots")
 
 
@@ -75,28 +94,43 @@ def _rss_mb() -> float:
 
 
 def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]]], *, budgets=(8,),
-              max_new_tokens=128, assisted=True, progress=True, backends=("eager",), sample: dict | None = None) -> dict:
-    """Run all methods interleaved over every prompt; returns the raw per-prompt records and summaries."""
+              max_new_tokens=128, assisted=True, progress=True, backends=("eager",), sample: dict | None = None,
+              peers=None, specs=None) -> dict:
+    """Run all methods interleaved over every prompt; returns the raw per-prompt records and summaries.
+    ``sample``: also run HF and every spec sampled with these ``generate`` arguments (``*-sample`` methods).
+    ``peers`` maps method names to running peer engines (:class:`~jetspec_compile.peers.VLLMPeer`); ``specs``
+    (from :func:`build_specs`) replaces the models built from ``drafter_factory``, ``budgets`` and ``backends``."""
+    if specs is None:
+        specs = build_specs(model, drafter_factory, budgets=budgets, backends=backends)
+    peers = peers or {}
+    methods = ["hf"] + (["hf-prompt-lookup"] if assisted else []) + list(peers) + list(specs)
+    if sample is not None:
+        methods += ["hf-sample"] + [f"{name}-sample" for name in specs]
+    records = run_interleaved(model, specs, prompt_sets, methods, max_new_tokens=max_new_tokens, progress=progress,
+                              peers=peers, sample=sample)
+    return {"methods": methods, "records": records, "summary": summarize(records, methods, peers=list(peers))}
 
+
+def build_specs(model, drafter_factory, *, budgets=(8,), backends=("eager",)) -> dict:
+    """One optimized model per backend and budget, named like the bench's methods (``jetspec-b8``,
+    ``jetspec-inductor-b8``, ...)."""
     specs = {}
     for backend in backends:
         for b in budgets:
             name = f"jetspec-b{b}" if backend == "eager" else f"jetspec-{backend}-b{b}"
             specs[name] = optimize(model, drafter=drafter_factory(), budget=b if b == "auto" else int(b),
                                    max_cache_len=2048, backend=backend)
-    methods = ["hf"] + (["hf-prompt-lookup"] if assisted else []) + list(specs)
-    if sample is not None:
-        methods += ["hf-sample"] + [f"{name}-sample" for name in specs]
-    records = run_interleaved(model, specs, prompt_sets, methods, max_new_tokens=max_new_tokens, progress=progress,
-                              sample=sample)
-    return {"methods": methods, "records": records, "summary": summarize(records, methods)}
+    return specs
 
 
 def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]], methods, *, max_new_tokens=128,
-                    progress=True, sample: dict | None = None) -> list[dict]:
-    """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup``, a name in ``specs``, or either with
-    ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is marked as warm-up. One record
-    per run, with token-identity to HF's greedy output (None for sampled runs)."""
+                    progress=True, peers=None, sample: dict | None = None) -> list[dict]:
+    """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup``, a name in ``specs`` or in ``peers``, or
+    ``hf`` / a spec with ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is marked
+    as warm-up. One record per run, with token-identity to HF's greedy output (None for sampled runs; where it
+    differs, the first new token that does)."""
+    peers = peers or {}
+    eos = _eos_ids(model)
     records = []
     total = sum(len(p) for p in prompt_sets.values()) * len(methods)
     bar = tqdm(total=total, desc="benchmark", unit="run", disable=not progress)
@@ -118,14 +152,24 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                     elif method == "hf-prompt-lookup":
                         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                              do_sample=False, prompt_lookup_num_tokens=10)
+                    elif method in peers:
+                        peer_out = peers[method].generate([ids], max_new_tokens, stop_token_ids=eos)
+                        out = torch.tensor([ids + peer_out.outputs[0]])
                     else:
                         out = specs[method].generate(x, max_new_tokens=max_new_tokens)
                 elapsed = time.perf_counter() - start
+                if method in peers:
+                    elapsed = peer_out.seconds  # the engine call itself, not the pipe to its process
                 new = out.shape[1] - x.shape[1]
                 rec = {"set": set_name, "prompt": i, "method": method, "seconds": elapsed, "new_tokens": new,
                        "tokens_per_second": new / elapsed,
                        "identical": None if sampled else bool(torch.equal(out, ref)),
                        "warmup": i == 0, "rss_mb": _rss_mb()}
+                if not sampled and not rec["identical"]:
+                    rec["first_difference"] = first_difference(out[0, x.shape[1]:].tolist(),
+                                                               ref[0, x.shape[1]:].tolist())
+                if method in peers:
+                    rec["spec_decode"] = peer_out.spec_decode
                 if method.removesuffix("-sample") in specs:
                     st = specs[method.removesuffix("-sample")].last_stats
                     rec.update(tau=st["tau"], histogram=st["acceptance_histogram"], trace=st.get("trace"),
@@ -145,7 +189,10 @@ def _generate_sampled(model, specs: dict, method: str, x, max_new_tokens: int, s
     return specs[method].generate(x, max_new_tokens=max_new_tokens, generator=generator, **sample)
 
 
-def summarize(records: list[dict], methods: list[str]) -> dict:
+def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
+    """Per set and method: median tok/s, ratios to HF (median, min, max over prompts; sampled runs against HF
+    sampling), τ; with ``peers`` also each method's ratio to the strongest peer of that set (highest median tok/s)
+    and the peers' own speculation counters."""
     out = {}
     sets = sorted({r["set"] for r in records})
     for s in sets:
@@ -182,13 +229,46 @@ def summarize(records: list[dict], methods: list[str]) -> dict:
                     ratios = [p[m]["tokens_per_second"] / p["hf-prompt-lookup"]["tokens_per_second"]
                               for p in by_prompt.values() if m in p and "hf-prompt-lookup" in p]
                     out[s][m]["vs_prompt_lookup_median"] = statistics.median(ratios)
+        _peer_summary(out[s], by_prompt, methods, [p for p in peers if p in out[s]])
     out["peak_rss_mb"] = max(r["rss_mb"] for r in records)
     return out
 
 
+def _peer_summary(entries: dict, by_prompt: dict, methods: list[str], peers: list[str]) -> None:
+    for p in peers:
+        counts = Counter()
+        for rec in by_prompt.values():
+            counts.update(rec.get(p, {}).get("spec_decode") or {})
+        if counts.get("drafts"):  # vLLM's own measure: 1 + accepted drafted tokens per step that had a draft
+            entries[p]["peer_accepted_length"] = 1 + counts["accepted_tokens"] / counts["drafts"]
+    if not peers:
+        return
+    best = max(peers, key=lambda p: entries[p]["tokens_per_second"])
+    for m in methods:
+        if m == best or m not in entries:
+            continue
+        ratios = [rec[m]["tokens_per_second"] / rec[best]["tokens_per_second"] for rec in by_prompt.values()
+                  if m in rec and best in rec]
+        if ratios:
+            entries[m]["vs_peer"] = {"peer": best, "median": statistics.median(ratios), "min": min(ratios),
+                                     "max": max(ratios)}
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where ``a`` and ``b`` differ (the shorter length if one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
 def markdown(summary: dict, methods: list[str]) -> str:
-    lines = ["| prompt set | method | tok/s | speedup vs HF (median [min, max]) | vs prompt lookup | τ | identical |",
-             "|---|---|---|---|---|---|---|"]
+    peers = any("vs_peer" in e for s, es in summary.items() if s != "peak_rss_mb" for e in es.values())
+    lines = ["| prompt set | method | tok/s | speedup vs HF (median [min, max]) | vs prompt lookup |"
+             + (" vs strongest peer (median [min, max]) |" if peers else "") + " τ | identical |",
+             "|---|---|---|---|---|" + ("---|" if peers else "") + "---|---|"]
     for s, entries in summary.items():
         if not isinstance(entries, dict) or s == "peak_rss_mb":
             continue
@@ -197,11 +277,35 @@ def markdown(summary: dict, methods: list[str]) -> str:
             if e is None:
                 continue
             vs = f"{e['vs_prompt_lookup_median']:.2f}×" if "vs_prompt_lookup_median" in e else ""
-            tau = f"{e['tau']:.2f}" if "tau" in e else ""
+            tau = (f"{e['tau']:.2f}" if "tau" in e else
+                   f"{e['peer_accepted_length']:.2f}†" if "peer_accepted_length" in e else "")
+            vp = e.get("vs_peer")
+            peer_col = ((f" {vp['median']:.2f}× [{vp['min']:.2f}, {vp['max']:.2f}] vs {vp['peer']} |" if vp
+                         else " (strongest) |" if any(x.get("vs_peer", {}).get("peer") == m for x in entries.values())
+                         else " |") if peers else "")
             lines.append(f"| {s} | {m} | {e['tokens_per_second']:.1f} | {e['speedup_median']:.2f}× "
-                         f"[{e['speedup_min']:.2f}, {e['speedup_max']:.2f}] | {vs} | {tau} | "
+                         f"[{e['speedup_min']:.2f}, {e['speedup_max']:.2f}] | {vs} |{peer_col} {tau} | "
                          f"{'n/a' if e['all_identical'] is None else 'yes' if e['all_identical'] else 'NO'} |")
+    if any("peer_accepted_length" in e for s, es in summary.items() if s != "peak_rss_mb" for e in es.values()):
+        lines.append("\n† vLLM's mean accepted length: 1 + accepted draft tokens per step that had a draft (steps "
+                     "where the n-gram lookup found nothing are not counted), so not the same measure as τ.")
     lines.append(f"\nPeak process RSS: {summary['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def identity_report(records: list[dict], methods: list[str]) -> str:
+    """One line per greedy method: how many timed outputs equal HF greedy's, and where the others first differ
+    (sampled methods are not compared token by token)."""
+    lines = ["Outputs compared with HF greedy (timed prompts):"]
+    for m in methods:
+        if m == "hf" or m.endswith("-sample"):
+            continue
+        recs = [r for r in records if r["method"] == m and not r["warmup"]]
+        if not recs:
+            continue
+        diffs = [f"{r['set']} #{r['prompt']} at new token {r['first_difference']}" for r in recs if not r["identical"]]
+        lines.append(f"  {m}: {len(recs) - len(diffs)}/{len(recs)} identical"
+                     + (f"; differ: {', '.join(diffs)}" if diffs else ""))
     return "\n".join(lines)
 
 
@@ -280,6 +384,108 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _new_tokens(row: list[int], eos: list[int]) -> list[int]:
+    """A batch row's generated tokens up to and including its first EOS (the padding after it dropped)."""
+    cut = next((i for i, t in enumerate(row) if t in eos), None)
+    return row if cut is None else row[:cut + 1]
+
+
+def run_batches(model, specs: dict, pool: list[list[int]], batch_sizes, *, max_new_tokens=128, peers=None,
+                warmup_tokens=16, progress=True) -> list[dict]:
+    """Whole-batch throughput. For each size ``B`` the first ``B`` prompts of ``pool`` run as one batch:
+    left-padded through HF batched ``generate`` and each optimized model in ``specs``, as ``B`` concurrent
+    requests through each peer. Every method first runs untimed for ``warmup_tokens`` new tokens (compiling and
+    capturing that batch size), then once timed. One record per method and size: tokens/s of the whole batch (new
+    tokens up to each row's EOS), rows identical to HF's batched output and, for jetspec, the budgets its
+    controller used (steps per budget)."""
+    peers = peers or {}
+    eos = _eos_ids(model)
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    methods = ["hf"] + list(peers) + list(specs)
+    records = []
+    bar = tqdm(total=2 * len(methods) * len(batch_sizes), desc="batches", unit="run", disable=not progress)
+    for size in batch_sizes:
+        prompts = pool[:size]
+        if len(prompts) < size:
+            raise ValueError(f"batch {size}: only {len(pool)} prompts in the pool")
+        width = max(map(len, prompts))
+        x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ref = None
+        for timed in (False, True):
+            n = max_new_tokens if timed else min(warmup_tokens, max_new_tokens)
+            for method in methods:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    if method == "hf":
+                        out = model.generate(x, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                             pad_token_id=pad)
+                    elif method in peers:
+                        peer_out = peers[method].generate(prompts, n, stop_token_ids=eos)
+                    else:
+                        out = specs[method].generate(x, mask, max_new_tokens=n, pad_token_id=pad)
+                elapsed = time.perf_counter() - start
+                if method in peers:
+                    rows, elapsed = peer_out.outputs, peer_out.seconds
+                else:
+                    rows = [_new_tokens(r, eos) for r in out[:, width:].tolist()]
+                if method == "hf":
+                    ref = rows
+                bar.update(1)
+                if not timed:
+                    continue
+                new = sum(map(len, rows))
+                rec = {"batch": size, "method": method, "seconds": elapsed, "new_tokens": new,
+                       "tokens_per_second": new / elapsed, "rows_identical": sum(a == b for a, b in zip(rows, ref))}
+                if method in specs:
+                    rec["budgets_used"] = specs[method].last_stats.get("budgets_used")
+                if method in peers:
+                    rec["spec_decode"] = peer_out.spec_decode
+                records.append(rec)
+    bar.close()
+    return records
+
+
+def batch_markdown(records: list[dict], peers=()) -> str:
+    """The batch table: whole-batch tok/s, ratios to HF and to the strongest peer of that size, budgets used."""
+    lines = ["| batch | method | tok/s (whole batch) | vs HF batched | vs strongest peer | budgets used (steps) | "
+             "rows identical to HF |", "|---|---|---|---|---|---|---|"]
+    for size in sorted({r["batch"] for r in records}):
+        rows = {r["method"]: r for r in records if r["batch"] == size}
+        hf = rows["hf"]["tokens_per_second"]
+        best = max((p for p in peers if p in rows), key=lambda p: rows[p]["tokens_per_second"], default=None)
+        for m, r in rows.items():
+            vs_peer = ("(strongest)" if m == best else
+                       f"{r['tokens_per_second'] / rows[best]['tokens_per_second']:.2f}× vs {best}" if best else "")
+            used = ", ".join(f"{b}: {n}" for b, n in (r.get("budgets_used") or {}).items())
+            lines.append(f"| {size} | {m} | {r['tokens_per_second']:.1f} | {r['tokens_per_second'] / hf:.2f}× | "
+                         f"{vs_peer} | {used} | {r['rows_identical']}/{size} |")
+    return "\n".join(lines)
+
+
+def start_peers(args, model_path: Path, out: Path) -> dict:
+    """The peer engines ``--peers`` asks for, started (their log in ``out``); a missing peer environment or an
+    engine that fails to start is reported with the way to fix it and left out, so the rest still runs."""
+    peers = {}
+    if "vllm" not in args.peers:
+        return peers
+    batch = max(args.batch or [1])
+    for name, method in zip(PEERS["vllm"], ("plain", "ngram")):
+        cfg = PeerConfig(model=str(model_path), method=method, threads=args.threads, kv_cache_gib=args.vllm_kv_gib,
+                         num_speculative_tokens=args.vllm_spec_tokens, prompt_lookup_min=args.vllm_lookup[0],
+                         prompt_lookup_max=args.vllm_lookup[1], max_num_seqs=max(16, batch))
+        print(f"bench: starting {name} (vLLM {method}; log in {out / f'{name}.log'}) ...", flush=True)
+        try:
+            peers[name] = VLLMPeer(cfg, python=args.peer_python, log=out / f"{name}.log")
+        except PeerUnavailable as err:
+            print(f"bench: --peers vllm skipped: {err}", flush=True)
+            for peer in peers.values():
+                peer.close()
+            return {}
+    return peers
+
+
 def run_bench_cli(args) -> None:
 
     torch.set_num_threads(args.threads)
@@ -291,17 +497,50 @@ def run_bench_cli(args) -> None:
                                       lookup_nodes=args.lookup_nodes, corpus=not args.no_corpus)
         factory = lambda: loaded  # noqa: E731 - one loaded network shared by all budgets
     sets = {}
+    size = max([args.limit + 1, *args.batch])
     for name in args.prompts:
-        texts = (load_jsonl(name, args.limit + 1) if name.endswith(".jsonl")
-                 else load_prompts(name, "test", args.limit + 1))
+        texts = load_jsonl(name, size) if name.endswith(".jsonl") else load_prompts(name, "test", size)
         sets[Path(name).stem] = [encode_chat(tok, t) for t in texts]
-    result = run_bench(model, tok, factory, sets, budgets=args.budgets, max_new_tokens=args.max_new_tokens,
-                       assisted=not args.no_assisted, backends=args.backends, sample=args.sample)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result["summary"], result["methods"])
-    (out / "bench.md").write_text(table + "\n")
+    # a terminated bench still closes its peer engines (the finally below), instead of orphaning them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    peers = start_peers(args, _model_path(args.model), out)
+    try:
+        specs = build_specs(model, factory, budgets=args.budgets, backends=args.backends)
+        result = run_bench(model, tok, factory, {k: v[:args.limit + 1] for k, v in sets.items()},
+                           max_new_tokens=args.max_new_tokens, assisted=not args.no_assisted, peers=peers,
+                           specs=specs, sample=args.sample)
+        result["peers"] = {name: {"vllm": p.version, "config": p.config.__dict__, "ld_preload": p.ld_preload}
+                           for name, p in peers.items()}
+        table = markdown(result["summary"], result["methods"])
+        if peers:
+            table += "\n\n" + identity_report(result["records"], result["methods"])
+        _write(out, result, table)  # the batch-1 table is kept even if the batches are interrupted
+        print(table, flush=True)
+        if args.batch:  # prompts pooled over the sets, one from each in turn
+            pool = [p for group in zip(*sets.values()) for p in group]
+            result["batches"] = run_batches(model, specs, pool, args.batch, max_new_tokens=args.max_new_tokens,
+                                            peers=peers)
+            batches = batch_markdown(result["batches"], peers=list(peers))
+            table += "\n\n" + batches
+            _write(out, result, table)
+            print("\n" + batches)
+    finally:
+        for peer in peers.values():
+            peer.close()
     paths = plot(result, out)
-    print(table)
     print("wrote", out / "bench.json", out / "bench.md", *paths)
+
+
+def _write(out: Path, result: dict, table: str) -> None:
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(table + "\n")
+
+
+def _model_path(name: str) -> Path:
+    """The HF checkpoint folder a peer engine loads for ``--model``."""
+    if name == "smollm2":
+        from .models import smollm2_path
+        return smollm2_path()
+    return Path(name).resolve()

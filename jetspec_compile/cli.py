@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import check_lossless, optimize
@@ -96,8 +97,22 @@ def cmd_build_corpus(args) -> None:
         raise SystemExit(f"token id {top} in --data is outside this model's vocabulary of {vocab}: the data was "
                          "regenerated with another model")
     corpus = CorpusIndex.from_records(records)
+    kept = 0
+    if args.append and (folder / CORPUS_FILE).exists():
+        corpus, kept = _appended(CorpusIndex.load(folder / CORPUS_FILE, vocab_size=vocab), corpus)
     corpus.save(folder / CORPUS_FILE)
-    print(f"saved {folder / CORPUS_FILE}: {len(corpus)} response tokens from {len(records)} sequences")
+    print(f"saved {folder / CORPUS_FILE}: {len(corpus)} response tokens from {len(records)} new sequences"
+          + (f" and {kept} kept" if args.append else ""))
+
+
+def _appended(old, new):
+    """A corpus of ``old``'s sequences followed by ``new``'s (and how many were kept from ``old``)."""
+    def sequences(corpus):
+        parts = np.split(corpus.tokens, np.flatnonzero(corpus.tokens < 0) + 1)
+        return [p[p >= 0] for p in parts if (p >= 0).any()]
+
+    kept = sequences(old)
+    return CorpusIndex(kept + sequences(new)), len(kept)
 
 
 def cmd_check(args) -> None:
@@ -175,7 +190,7 @@ def main(argv=None) -> None:
     tr.add_argument("--model", default="smollm2", help="'smollm2' or a local HF checkpoint folder")
     tr.add_argument("--out", required=True, help="output folder (checkpoints, train state)")
     tr.add_argument("--prompts", nargs="+", default=list(RECIPE.prompts),
-                    help="prompt sets (humaneval gsm codeio pyfunc) and/or .jsonl files")
+                    help="prompt sets (humaneval gsm codeio pyfunc sharegpt) and/or .jsonl files")
     tr.add_argument("--limit", type=int, default=RECIPE.limit, help="prompts per set")
     tr.add_argument("--data", help="self-distillation JSONL (default: <cache>/data/<model name>_selfdistill.jsonl, "
                                    "shared by every run on that model)")
@@ -230,6 +245,8 @@ def main(argv=None) -> None:
     bc.add_argument("--model", default="smollm2", help="the drafter's target")
     bc.add_argument("--data", nargs="+", help="self-distillation JSONL files, training prompts only (default: "
                                               "<cache>/data/<model name>_selfdistill.jsonl)")
+    bc.add_argument("--append", action="store_true",
+                    help="keep the sequences already in the drafter folder's corpus and add --data's after them")
     bc.set_defaults(func=cmd_build_corpus)
 
     ck = sub.add_parser("check", help="check that speculative greedy output equals plain greedy decoding")

