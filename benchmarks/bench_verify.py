@@ -64,7 +64,7 @@ def main() -> None:
             for n in args.nodes:
                 key = backend, n, kernel
                 start = time.perf_counter()
-                v = TreeVerifier(model, max_cache_len=args.context + 2 * max(args.nodes) + 64, num_nodes=n,
+                v = TreeVerifier(model, max_cache_len=args.context + 2 * max(args.nodes) + 64, budget=n,
                                  self_check=False, compile_fn=lower(backend), prefill_chunk=n)  # what optimize() runs
                 capture[key] = time.perf_counter() - start
                 start = time.perf_counter()

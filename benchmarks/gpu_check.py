@@ -504,7 +504,7 @@ def stage_verify_cost(ctx: Ctx, res: Results) -> None:
                     res.note("verify_cost", f"{backend}: stopped before {n} nodes, {ctx.time_left():.0f} s left")
                     break
                 t = time.perf_counter()
-                v = TreeVerifier(model, max_cache_len=context + 2 * max(ns) + 64, num_nodes=n, self_check=False,
+                v = TreeVerifier(model, max_cache_len=context + 2 * max(ns) + 64, budget=n, self_check=False,
                                  compile_fn=lower(backend), prefill_chunk=n)
                 v.prefill(prompt)
                 tree = TreeSpec.chain(1) if n == 1 else TreeSpec((-1,) + tuple(i // 4 for i in range(n - 1)))

@@ -39,7 +39,7 @@ class CapturedStep:
         graph_module: the graph; placeholders ``input_ids`` ``[B, N]`` and ``position_ids`` ``[B, N]``; output
             ``(logits [B, N, V],)``. Passes extend it in place.
         model: the eager model the graph was captured from (its parameters are shared, not copied).
-        batch_size, num_nodes: the static ``B`` and ``N`` of the graph.
+        batch_size, budget: the static ``B`` and ``N`` of the graph.
         layers_path: qualified name of the decoder-layer module list in ``model`` (e.g. ``model.layers``).
         num_layers: number of decoder layers.
         hidden_size: width of the residual stream.
@@ -57,7 +57,7 @@ class CapturedStep:
     graph_module: torch.fx.GraphModule
     model: nn.Module
     batch_size: int
-    num_nodes: int
+    budget: int
     layers_path: str
     num_layers: int
     hidden_size: int
@@ -76,7 +76,7 @@ class CapturedStep:
         """The rewritten step's inputs and outputs (after the tree-verify pipeline)."""
         if self.kv is None or self.tap_layers is None:
             raise RuntimeError("the step has no verify interface yet: run the tree-verify pipeline on it first")
-        return VerifyInterface(self.batch_size, self.num_nodes, self.kv, self.tap_layers, self.functional_kv)
+        return VerifyInterface(self.batch_size, self.budget, self.kv, self.tap_layers, self.functional_kv)
 
 
 class _StepModule(nn.Module):
@@ -152,20 +152,20 @@ def _ensure_sdpa(model: nn.Module) -> None:
     logger.info("switched %s to attn_implementation='sdpa' for capture", type(model).__name__)
 
 
-def capture_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16) -> CapturedStep:
-    """Export one forward step of ``model`` over ``num_nodes`` tokens as an ATen-level FX graph.
+def capture_step(model: nn.Module, *, batch_size: int = 1, budget: int = 16) -> CapturedStep:
+    """Export one forward step of ``model`` over ``budget`` tokens as an ATen-level FX graph.
 
     Args:
         model: a Hugging Face causal LM (any family whose attention runs through SDPA).
         batch_size: static batch size ``B`` of the graph.
-        num_nodes: static number of tokens ``N`` per step (the tree budget).
+        budget: static number of tokens ``N`` per step (the tree budget).
 
     Returns:
         a :class:`CapturedStep` whose graph takes ``(input_ids [B, N], position_ids [B, N])`` and returns
         ``(logits [B, N, V],)``.
     """
-    if batch_size < 1 or num_nodes < 1:
-        raise ValueError(f"batch_size and num_nodes must be >= 1, got {batch_size} and {num_nodes}")
+    if batch_size < 1 or budget < 1:
+        raise ValueError(f"batch_size and budget must be >= 1, got {batch_size} and {budget}")
     config = text_config(model)
     if getattr(model.config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
@@ -181,15 +181,15 @@ def capture_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16) 
     layers_path, layers = find_decoder_layers(model)
 
     device = next(model.parameters()).device
-    input_ids = torch.zeros(batch_size, num_nodes, dtype=torch.long, device=device)
-    position_ids = torch.arange(num_nodes, device=device).expand(batch_size, num_nodes).contiguous()
+    input_ids = torch.zeros(batch_size, budget, dtype=torch.long, device=device)
+    position_ids = torch.arange(budget, device=device).expand(batch_size, budget).contiguous()
     start = time.perf_counter()
     try:
         with torch.no_grad():
             exported = torch.export.export(_StepModule(model), (input_ids, position_ids), strict=False)
     except Exception as err:  # export's own errors are many types; all mean the same thing here
         raise UnsupportedModelError(
-            f"torch.export could not capture one step of {type(model).__name__} over {num_nodes} tokens "
+            f"torch.export could not capture one step of {type(model).__name__} over {budget} tokens "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); jetspec_compile rewrites "
             "the exported graph, so a model that does not export cannot be tree-verified"
         ) from err
@@ -201,13 +201,13 @@ def capture_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16) 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta["jetspec"] = node.name
-    logger.info("captured %s (B=%d, N=%d) in %.2fs", type(model).__name__, batch_size, num_nodes,
+    logger.info("captured %s (B=%d, N=%d) in %.2fs", type(model).__name__, batch_size, budget,
                 time.perf_counter() - start)
     return CapturedStep(
         graph_module=gm,
         model=model,
         batch_size=batch_size,
-        num_nodes=num_nodes,
+        budget=budget,
         layers_path="model." + layers_path,
         num_layers=len(layers),
         hidden_size=config.hidden_size,

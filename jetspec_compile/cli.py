@@ -144,12 +144,12 @@ def cmd_export(args) -> None:
         print(f"compiled verify graphs of {sizes} nodes into {out}")
         return
     if args.command == "export-onnx":
-        path = export_onnx(model, out / "verify.onnx", num_nodes=args.budget, tap_layers=taps)
+        path = export_onnx(model, out / "verify.onnx", budget=args.budget, tap_layers=taps)
         missing = check_tensorrt_ops(path)
         print(f"wrote {path}; TensorRT-supported ops only: {not missing}{'' if not missing else ' ' + str(missing)}")
         return
     try:
-        paths = export_tensorrt(model, out, num_nodes=args.budget, tap_layers=taps, max_cache_len=args.max_cache_len,
+        paths = export_tensorrt(model, out, budget=args.budget, tap_layers=taps, max_cache_len=args.max_cache_len,
                                 precision="fp32" if args.fp32 else "bf16" if args.bf16 else "fp16")
     except JetSpecError as err:
         raise SystemExit(f"export-trt: {err}") from err

@@ -16,13 +16,13 @@ from .passes import EXPORT_PIPELINE, TREE_VERIFY_PIPELINE, PassManager, PassResu
 __all__ = ["build_verify_step"]
 
 
-def build_verify_step(model: nn.Module, *, batch_size: int = 1, num_nodes: int = 16,
+def build_verify_step(model: nn.Module, *, batch_size: int = 1, budget: int = 16,
                       tap_layers: Sequence[int] | None = None, run_checks: bool = False,
                       dump: Sequence[str] = (), functional: bool = False) -> tuple[CapturedStep, dict[str, PassResult]]:
-    """Capture ``model`` for ``batch_size`` rows and ``num_nodes`` tree nodes and run the tree-verify pipeline
+    """Capture ``model`` for ``batch_size`` rows and ``budget`` tree nodes and run the tree-verify pipeline
     (with ``functional``, the export pipeline: cache writes become outputs). Returns the step and each pass's
     result; ``step.interface`` describes the rewritten graph's inputs and outputs."""
-    step = capture_step(model, batch_size=batch_size, num_nodes=num_nodes)
+    step = capture_step(model, batch_size=batch_size, budget=budget)
     if tap_layers is not None:
         step.tap_layers = tuple(tap_layers)
     manager = PassManager(EXPORT_PIPELINE if functional else TREE_VERIFY_PIPELINE,

@@ -89,14 +89,14 @@ class VerifyInterface:
     """Inputs, outputs and dynamic dimension of one rewritten verify step (see the module docstring).
 
     Attributes:
-        batch_size, num_nodes: the static ``B`` and ``N``.
+        batch_size, budget: the static ``B`` and ``N``.
         kv: the cache layout.
         tap_layers: the decoder layers whose outputs ``hidden`` concatenates.
         functional_kv: the step returns its new keys/values instead of writing the caches (exports).
     """
 
     batch_size: int
-    num_nodes: int
+    budget: int
     kv: KVLayout
     tap_layers: tuple[int, ...]
     functional_kv: bool = False
@@ -132,7 +132,7 @@ class VerifyInterface:
 
     def example_inputs(self, length: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Inputs of a chain over an empty cache of ``length`` slots (for tracing and exporting)."""
-        b, n, kv = self.batch_size, self.num_nodes, self.kv
+        b, n, kv = self.batch_size, self.budget, self.kv
         cache = lambda: torch.zeros(b, kv.heads, length, kv.head_dim, dtype=kv.dtype, device=device)  # noqa: E731
         return self.feed(
             input_ids=torch.zeros(b, n, dtype=torch.long, device=device),
@@ -154,11 +154,11 @@ class VerifyInterface:
             cache.index_copy_(2, slots, new.to(cache.device, cache.dtype))
 
     def to_json(self) -> dict:
-        return {"batch_size": self.batch_size, "num_nodes": self.num_nodes, "kv": self.kv.to_json(),
+        return {"batch_size": self.batch_size, "budget": self.budget, "kv": self.kv.to_json(),
                 "tap_layers": list(self.tap_layers), "functional_kv": self.functional_kv,
                 "inputs": self.input_names, "outputs": self.output_names}
 
     @classmethod
     def from_json(cls, data: dict) -> "VerifyInterface":
-        return cls(int(data["batch_size"]), int(data["num_nodes"]), KVLayout.from_json(data["kv"]),
+        return cls(int(data["batch_size"]), int(data["budget"]), KVLayout.from_json(data["kv"]),
                    tuple(int(i) for i in data["tap_layers"]), bool(data.get("functional_kv", False)))

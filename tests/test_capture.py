@@ -8,7 +8,7 @@ from tests.families import VOCAB, make_model
 
 def test_captured_graph_equals_eager_forward():
     model = make_model("qwen3")
-    step = capture_step(model, batch_size=2, num_nodes=8)
+    step = capture_step(model, batch_size=2, budget=8)
     ids = torch.randint(0, VOCAB, (2, 8))
     pos = torch.arange(8).expand(2, 8)
     (logits,) = step.graph_module(input_ids=ids, position_ids=pos)
@@ -33,4 +33,4 @@ def test_encoder_decoder_is_refused():
 
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match=">= 1"):
-        capture_step(make_model("llama"), num_nodes=0)
+        capture_step(make_model("llama"), budget=0)

@@ -24,7 +24,7 @@ def smollm2():
 def test_smollm2_tree_logits_match_eager(smollm2):
     model, tok = smollm2
     rng = random.Random(0)
-    v = TreeVerifier(model, max_cache_len=256, batch_size=2, num_nodes=32)
+    v = TreeVerifier(model, max_cache_len=256, batch_size=2, budget=32)
     prompts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
                "The capital of France is"]
     prefixes = [tok(p)["input_ids"] for p in prompts]

@@ -43,13 +43,13 @@ __all__ = ["export_step_aoti", "AotiVerifyStep", "lower_aoti", "export_drafter_a
 
 #: how packages are compiled (bumped when that changes, e.g. freezing on CPU), part of every package's key so a
 #: package built the old way is compiled again instead of loaded
-PACKAGE_FORMAT = 3
+PACKAGE_FORMAT = 4
 
 
 def _step_key(step, fingerprint: str) -> dict:
     interface = step.interface
     return {"model": fingerprint, "format": PACKAGE_FORMAT, "batch_size": interface.batch_size,
-            "num_nodes": interface.num_nodes, "tap_layers": list(interface.tap_layers), "kv": interface.kv.to_json(),
+            "budget": interface.budget, "tap_layers": list(interface.tap_layers), "kv": interface.kv.to_json(),
             "torch": torch.__version__, "device": str(next(step.model.parameters()).device)}
 
 
@@ -60,10 +60,10 @@ def export_step_aoti(step, path: str | Path, *, fingerprint: str | None = None) 
         step.graph_module.recompile()
     path = Path(path)
     interface = step.interface
-    example = interface.example_inputs(max(2 * step.num_nodes, 64), next(step.model.parameters()).device)
+    example = interface.example_inputs(max(2 * step.budget, 64), next(step.model.parameters()).device)
     # torch.export binds a GraphModule's kwargs by position: the placeholders' order
     inputs = {name: example[name] for name in inspect.signature(step.graph_module.forward).parameters}
-    dynamic = interface.dynamic_shapes(torch.export.Dim("cache_len", min=step.num_nodes + 1, max=1 << 16))
+    dynamic = interface.dynamic_shapes(torch.export.Dim("cache_len", min=step.budget + 1, max=1 << 16))
     dynamic = {name: dynamic[name] for name in inputs}
     meta = {**_step_key(step, fingerprint or model_fingerprint(step.model)), "interface": interface.to_json()}
     _compile_package(step.graph_module, inputs, dynamic, path, meta, type(step.model).__name__)
@@ -125,7 +125,7 @@ def lower_aoti(step, artifact_dir: str | Path | None = None) -> AotiVerifyStep:
     folder = Path(artifact_dir) if artifact_dir is not None else cache_dir() / "aoti"
     key = _step_key(step, model_fingerprint(step.model))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = folder / f"verify_b{step.batch_size}_n{step.num_nodes}_{digest}.pt2"
+    path = folder / f"verify_b{step.batch_size}_n{step.budget}_{digest}.pt2"
     meta_path = Path(str(path) + ".json")
     if path.exists() and meta_path.exists():
         saved = json.loads(meta_path.read_text())
@@ -133,7 +133,7 @@ def lower_aoti(step, artifact_dir: str | Path | None = None) -> AotiVerifyStep:
             logger.info("loading compiled verify step %s", path)
             return AotiVerifyStep(path)
         logger.warning("%s was compiled for another model or torch version; recompiling", path)
-    logger.info("compiling the verify step (N=%d) with AOTInductor into %s", step.num_nodes, path)
+    logger.info("compiling the verify step (N=%d) with AOTInductor into %s", step.budget, path)
     export_step_aoti(step, path, fingerprint=key["model"])
     return AotiVerifyStep(path)
 

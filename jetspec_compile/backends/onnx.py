@@ -84,7 +84,7 @@ def export_step_onnx(step, path: str | Path) -> Path:
         functionalize_kv_writes(step)
         step.graph_module.recompile()
     path = Path(path)
-    n = step.num_nodes
+    n = step.budget
     interface = step.interface
     inputs = interface.example_inputs(max(2 * n, 64), next(step.model.parameters()).device)
     dynamic = interface.dynamic_shapes(torch.export.Dim("cache_len", min=n + 1, max=1 << 16))
@@ -100,9 +100,9 @@ def export_step_onnx(step, path: str | Path) -> Path:
     return path
 
 
-def export_onnx(model, path: str | Path, *, batch_size: int = 1, num_nodes: int = 16, tap_layers=None) -> Path:
+def export_onnx(model, path: str | Path, *, batch_size: int = 1, budget: int = 16, tap_layers=None) -> Path:
     """Capture ``model``, rewrite it for tree verification and write the verify step to ``path`` (.onnx)."""
-    step, _ = build_verify_step(model, batch_size=batch_size, num_nodes=num_nodes, tap_layers=tap_layers)
+    step, _ = build_verify_step(model, batch_size=batch_size, budget=budget, tap_layers=tap_layers)
     return export_step_onnx(step, path)
 
 

@@ -70,7 +70,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_cache_le
     unsupported = check_tensorrt_ops(onnx_path)
     if unsupported:
         raise JetSpecError(f"{onnx_path} uses ONNX ops TensorRT's parser does not support: {sorted(unsupported)}")
-    n = VerifyInterface.from_json(json.loads(Path(str(onnx_path) + ".json").read_text())).num_nodes
+    n = VerifyInterface.from_json(json.loads(Path(str(onnx_path) + ".json").read_text())).budget
     log = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(log)
     network = builder.create_network(0)
@@ -146,7 +146,7 @@ def lower_tensorrt(step, max_cache_len: int = 2048, precision: str | None = None
     return TrtVerifyStep(engine, step.interface)
 
 
-def export_tensorrt(model, out_dir: str | Path, *, batch_size: int = 1, num_nodes: int = 16, tap_layers=None,
+def export_tensorrt(model, out_dir: str | Path, *, batch_size: int = 1, budget: int = 16, tap_layers=None,
                     max_cache_len: int = 2048, precision: str | None = None) -> dict[str, Path]:
     """Write ``verify.onnx`` (always) and ``verify.engine`` (where TensorRT and a GPU are present) to ``out_dir``.
 
@@ -160,7 +160,7 @@ def export_tensorrt(model, out_dir: str | Path, *, batch_size: int = 1, num_node
     precision = precision_of(model, precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    step, _ = build_verify_step(model, batch_size=batch_size, num_nodes=num_nodes, tap_layers=tap_layers)
+    step, _ = build_verify_step(model, batch_size=batch_size, budget=budget, tap_layers=tap_layers)
     onnx_path = export_step_onnx(step, out_dir / "verify.onnx")
     unsupported = check_tensorrt_ops(onnx_path)
     if unsupported:

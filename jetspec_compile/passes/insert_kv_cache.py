@@ -36,7 +36,7 @@ def _source(node: fx.Node, batch: int, n: int) -> fx.Node:
 
 def insert_kv_cache(step) -> PassResult:
     gm = step.graph_module
-    batch, n = step.batch_size, step.num_nodes
+    batch, n = step.batch_size, step.budget
     by_layer = attention_by_layer(gm, step.layers_path, step.num_layers)
     (write_slots,) = add_placeholders(gm, [WRITE_SLOTS])
     layout = []

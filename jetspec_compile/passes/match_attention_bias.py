@@ -92,7 +92,7 @@ def _attention_terms(step) -> dict[int, torch.Tensor | None]:
     gm = step.graph_module
     by_layer = attention_by_layer(gm, step.layers_path, step.num_layers)
     position_ids = placeholder(gm, "position_ids")
-    b, n = step.batch_size, step.num_nodes
+    b, n = step.batch_size, step.budget
     device = val(position_ids).device
     positions = torch.arange(n, device=device).expand(b, n).contiguous()
     tokens = torch.randint(0, step.config.vocab_size, (b, n), generator=torch.Generator().manual_seed(0))
@@ -119,14 +119,14 @@ def _attention_terms(step) -> dict[int, torch.Tensor | None]:
 def match_attention_bias(step) -> PassResult:
     windows = attention_windows(step.config, step.num_layers)
     probe = step
-    if step.num_nodes < MIN_TOKENS:
+    if step.budget < MIN_TOKENS:
         from ..capture import capture_step
 
-        probe = capture_step(step.model, batch_size=step.batch_size, num_nodes=MIN_TOKENS)
+        probe = capture_step(step.model, batch_size=step.batch_size, budget=MIN_TOKENS)
         match_eager_attention(probe)
     slopes = {}
     for layer, term in _attention_terms(probe).items():
-        found = None if term is None else _judge(term, probe.num_nodes, windows[layer], layer)
+        found = None if term is None else _judge(term, probe.budget, windows[layer], layer)
         if found is not None:
             slopes[layer] = found
     step.alibi_slopes = slopes

@@ -201,7 +201,7 @@ def _term_4d(gm, term, batch: int, heads: int, dtype: torch.dtype, before: fx.No
 
 def match_eager_attention(step) -> PassResult:
     gm = step.graph_module
-    batch, n = step.batch_size, step.num_nodes
+    batch, n = step.batch_size, step.budget
     matched = 0
     for mm in [node for node in gm.graph.nodes if node.op == "call_function" and node.target in _MATMULS]:
         chain = _score_chain(mm, n)

@@ -35,7 +35,7 @@ def tap_hidden_states(step) -> PassResult:
     bad = [i for i in layers if not 0 <= i < step.num_layers]
     if bad:
         raise ValueError(f"tap layers {bad} out of range for a model with {step.num_layers} layers")
-    want = (step.batch_size, step.num_nodes, step.hidden_size)
+    want = (step.batch_size, step.budget, step.hidden_size)
     last: dict[int, torch.fx.Node] = {}
     for node in gm.graph.nodes:
         v = val(node)

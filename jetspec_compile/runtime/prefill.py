@@ -88,7 +88,7 @@ def prefill_with_model(verifier, input_ids: torch.Tensor, real: torch.Tensor, po
 def model_prefill_agrees(verifier) -> bool:
     """Prefill a short random prompt both ways (through the verify graph itself: nothing new compiles) and
     compare the caches, taps and logits."""
-    p = min(verifier.num_nodes, verifier.cache.max_length - 1)
+    p = min(verifier.budget, verifier.cache.max_length - 1)
     ids = torch.randint(0, verifier.vocab_size, (verifier.batch_size, p), generator=torch.Generator().manual_seed(1))
     ids = ids.to(verifier.device)
     verifier._model_prefill = False

@@ -18,8 +18,8 @@ def check_against_eager(verifier) -> None:
     """Compare a chunked prefill and one chain verification of the rewritten graphs with the eager model
     (catches unmodelled attention semantics such as ALiBi biases instead of returning wrong logits)."""
     gen = torch.Generator().manual_seed(0)
-    p = max(1, min(verifier.prefill_chunk + 3, verifier.cache.max_length - verifier.num_nodes - 1))  # 2 chunks
-    n = verifier.num_nodes
+    p = max(1, min(verifier.prefill_chunk + 3, verifier.cache.max_length - verifier.budget - 1))  # 2 chunks
+    n = verifier.budget
     ids = torch.randint(0, verifier.vocab_size, (verifier.batch_size, p + n), generator=gen).to(verifier.device)
     prefill_logits, _ = verifier.prefill(ids[:, :p])
     chain_logits, _ = verifier.verify(ids[:, p:], TreeSpec.chain(n))

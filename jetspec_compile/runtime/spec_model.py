@@ -87,7 +87,7 @@ class SpecModel:
             tap_layers = self.config.tap_layers or getattr(self.drafter, "tap_layers", None)
             self._verifiers[batch_size] = TreeVerifier(
                 self.model, max_cache_len=self.config.max_cache_len, batch_size=batch_size,
-                num_nodes=self.config.max_budget, tap_layers=tap_layers, self_check=self.config.self_check,
+                budget=self.config.max_budget, tap_layers=tap_layers, self_check=self.config.self_check,
                 compile_fn=lower(self.config.backend, LoweringOptions.from_config(self.config)),
                 extra_budgets=[b for b in self.config.budgets if b < self.config.max_budget])
         return self._verifiers[batch_size]

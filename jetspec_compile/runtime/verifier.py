@@ -52,13 +52,13 @@ class TreeVerifier:
         model: the target model (any family the passes match).
         max_cache_len: static KV cache size ``L`` (prompt + generated tokens + one tree must fit).
         batch_size: rows per call.
-        num_nodes: tree budget ``N``; smaller trees are padded to it (or to the smallest of ``extra_budgets``
+        budget: tree budget ``N``; smaller trees are padded to it (or to the smallest of ``extra_budgets``
             that holds them: one more graph per extra budget, all sharing one KV cache).
         tap_layers: decoder layers whose hidden states ``verify`` returns (default: 5 spread layers).
         compile_fn: optional lowering ``CapturedStep -> callable`` of the rewritten graph (see
             :func:`jetspec_compile.backends.lower`); the callable takes the graph's inputs by name.
         self_check: compare the rewritten graph with the eager model once at construction.
-        prefill_chunk: prompts longer than ``num_nodes`` are prefilled in chains of this many tokens (one more
+        prefill_chunk: prompts longer than ``budget`` are prefilled in chains of this many tokens (one more
             graph, captured on first use), so a small tree budget does not mean many prefill forwards.
         model_prefill: prefill with one forward of the model itself (what ``generate`` runs) and copy its keys
             and values into the static cache, instead of chains of graph calls. It is used only where it provably
@@ -67,27 +67,27 @@ class TreeVerifier:
             comparison with the graph's own prefill on the first call; otherwise the graph prefills.
     """
 
-    def __init__(self, model: nn.Module, *, max_cache_len: int = 1024, batch_size: int = 1, num_nodes: int = 16,
+    def __init__(self, model: nn.Module, *, max_cache_len: int = 1024, batch_size: int = 1, budget: int = 16,
                  tap_layers: Sequence[int] | None = None, compile_fn: Callable | None = None,
                  self_check: bool = True, run_checks: bool = False, extra_budgets: Sequence[int] = (),
                  prefill_chunk: int = 64, model_prefill: bool = True):
-        if max_cache_len < num_nodes + 2:
+        if max_cache_len < budget + 2:
             raise ValueError(f"max_cache_len={max_cache_len} leaves no room for a prompt and a tree of "
-                             f"num_nodes={num_nodes}; use at least {num_nodes + 2}")
+                             f"budget={budget}; use at least {budget + 2}")
         start = time.perf_counter()
         self.model = model
         self.step, self.pass_results = build_verify_step(
-            model, batch_size=batch_size, num_nodes=num_nodes, tap_layers=tap_layers, run_checks=run_checks)
+            model, batch_size=batch_size, budget=budget, tap_layers=tap_layers, run_checks=run_checks)
         self.capture_seconds = time.perf_counter() - start
         self.graph = self.step.graph_module if compile_fn is None else compile_fn(self.step)
-        self.batch_size, self.num_nodes = batch_size, num_nodes
-        bad = [b for b in extra_budgets if not 1 <= b < num_nodes]
+        self.batch_size, self.budget = batch_size, budget
+        bad = [b for b in extra_budgets if not 1 <= b < budget]
         if bad:
-            raise ValueError(f"extra budgets {bad} must lie in [1, num_nodes={num_nodes})")
-        self.budgets = tuple(sorted(set(extra_budgets) | {num_nodes}))
-        self._graphs = {num_nodes: self.graph}
+            raise ValueError(f"extra budgets {bad} must lie in [1, budget={budget})")
+        self.budgets = tuple(sorted(set(extra_budgets) | {budget}))
+        self._graphs = {budget: self.graph}
         self._compile_fn, self._run_checks = compile_fn, run_checks
-        self.prefill_chunk = max(num_nodes, min(prefill_chunk, max_cache_len - 1))
+        self.prefill_chunk = max(budget, min(prefill_chunk, max_cache_len - 1))
         self.interface = self.step.interface
         self.tap_layers = self.interface.tap_layers
         kv = self.interface.kv
@@ -132,7 +132,7 @@ class TreeVerifier:
 
     def make_room(self) -> None:
         """Compact the cache when a tree of the largest budget would no longer fit after the committed slots."""
-        if self.cache.room() < self.num_nodes:
+        if self.cache.room() < self.budget:
             self.cache.defragment()
 
     def budget_for(self, n: int) -> int:
@@ -141,7 +141,7 @@ class TreeVerifier:
 
     def _graph(self, n: int):
         if n not in self._graphs:  # captured on first use; same tap layers, same cache layout
-            step, _ = build_verify_step(self.model, batch_size=self.batch_size, num_nodes=n,
+            step, _ = build_verify_step(self.model, batch_size=self.batch_size, budget=n,
                                         tap_layers=self.tap_layers, run_checks=self._run_checks)
             self._graphs[n] = step.graph_module if self._compile_fn is None else self._compile_fn(step)
         return self._graphs[n]
@@ -197,7 +197,7 @@ class TreeVerifier:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._check_batch(attention_mask, "attention_mask")
-        n = self.num_nodes if p <= self.num_nodes else self.prefill_chunk  # chain chunks of n tokens
+        n = self.budget if p <= self.budget else self.prefill_chunk  # chain chunks of n tokens
         if max(p, n) > self.cache.max_length - 1:
             raise ValueError(
                 f"prompt of {p} tokens does not fit max_cache_len={self.cache.max_length} with a tree of {n} "
@@ -219,7 +219,7 @@ class TreeVerifier:
     def verify(self, tokens: torch.Tensor, trees: TreeSpec | Sequence[TreeSpec]):
         """Run one tree per row through the target in one forward.
 
-        tokens: [B, n] node tokens (node 0 = the pending root token), n <= num_nodes; trees: one TreeSpec for
+        tokens: [B, n] node tokens (node 0 = the pending root token), n <= budget; trees: one TreeSpec for
         all rows or one per row, each of n nodes. Returns ``(logits [B, n, V], hidden [B, n, K*H])``; the
         logits at node i are the target's next-token logits after the root-to-i path.
         """
@@ -233,8 +233,8 @@ class TreeVerifier:
                 raise TypeError(f"trees[{i}] must be a TreeSpec, got {type(tree).__name__}")
             if len(tree) != n:
                 raise ValueError(f"trees[{i}] has {len(tree)} nodes but {n} tokens were given")
-        if n > self.num_nodes:
-            raise ValueError(f"tree of {n} nodes exceeds the verify budget num_nodes={self.num_nodes}")
+        if n > self.budget:
+            raise ValueError(f"tree of {n} nodes exceeds the verify budget {self.budget}")
         if self.cache.length == 0:
             raise RuntimeError("call prefill() before verify()")
         size = self.budget_for(n)

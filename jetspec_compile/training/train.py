@@ -126,7 +126,7 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
             hidden = torch.cat([states[i + 1][0] for i in taps], dim=-1)
         else:
             if verifier is None:
-                verifier = TreeVerifier(target, max_cache_len=max_len + 65, num_nodes=64, tap_layers=taps,
+                verifier = TreeVerifier(target, max_cache_len=max_len + 65, budget=64, tap_layers=taps,
                                         self_check=False)
             hidden = verifier.prefill(ids[None])[1][0]
         hidden = hidden.half().contiguous()

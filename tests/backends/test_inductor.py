@@ -93,7 +93,7 @@ def test_inductor_with_the_tree_attention_op_is_lossless():
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
     JETSPEC["inductor"].clear()
     with config.patch(fx_graph_cache=False):
-        v = js.TreeVerifier(model, max_cache_len=96, num_nodes=8, self_check=False, prefill_chunk=8,
+        v = js.TreeVerifier(model, max_cache_len=96, budget=8, self_check=False, prefill_chunk=8,
                             compile_fn=partial(inductor.lower_inductor, kernels=True))
         spec = js.optimize(model, budget=8, max_cache_len=96, fallback=False, self_check=False)
         spec._verifiers[1] = v

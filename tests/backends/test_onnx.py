@@ -20,8 +20,8 @@ from tests.reference import random_tree
 @functools.lru_cache(maxsize=None)
 def pair(family):
     model = make_model(family)
-    eager = js.TreeVerifier(model, max_cache_len=160, num_nodes=16)
-    ort = js.TreeVerifier(model, max_cache_len=160, num_nodes=16, compile_fn=lower_onnxruntime)
+    eager = js.TreeVerifier(model, max_cache_len=160, budget=16)
+    ort = js.TreeVerifier(model, max_cache_len=160, budget=16, compile_fn=lower_onnxruntime)
     return model, eager, ort
 
 
@@ -52,7 +52,7 @@ def test_onnxruntime_greedy_generation_is_lossless():
 
 
 def test_export_uses_only_tensorrt_supported_ops(tmp_path):
-    path = export_onnx(make_model("gemma3"), tmp_path / "v.onnx", num_nodes=8)
+    path = export_onnx(make_model("gemma3"), tmp_path / "v.onnx", budget=8)
     ops = onnx_op_types(path)
     assert ops and ops <= TENSORRT_ONNX_OPS, sorted(ops - TENSORRT_ONNX_OPS)
     assert (tmp_path / "v.onnx.json").exists()
@@ -64,7 +64,7 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_backend.torch.onnx, "export", boom)
     with pytest.raises(js.JetSpecError, match="nothing was written.*exporter crashed"):
-        export_onnx(make_model("llama"), tmp_path / "v.onnx", num_nodes=4)
+        export_onnx(make_model("llama"), tmp_path / "v.onnx", budget=4)
     assert list(tmp_path.iterdir()) == []
 
 

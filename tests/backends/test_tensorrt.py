@@ -14,7 +14,7 @@ AVAILABLE, WHY = tensorrt_available()
 @pytest.mark.skipif(AVAILABLE, reason="TensorRT is available: the engine tests below run instead")
 def test_without_tensorrt_export_writes_onnx_and_names_what_is_missing(tmp_path):
     with pytest.raises(js.JetSpecError, match="cannot build the engine"):
-        export_tensorrt(make_model("llama"), tmp_path, num_nodes=4)
+        export_tensorrt(make_model("llama"), tmp_path, budget=4)
     assert (tmp_path / "verify.onnx").exists() and not (tmp_path / "verify.engine").exists()
 
 
@@ -26,5 +26,5 @@ def test_tensorrt_generation_is_lossless(tmp_path):
     ids = torch.randint(3, VOCAB, (1, 9), device="cuda")
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
     assert torch.equal(spec.generate(ids, max_new_tokens=20), expected)
-    paths = export_tensorrt(spec, tmp_path, num_nodes=8)
+    paths = export_tensorrt(spec, tmp_path, budget=8)
     assert paths["engine"].stat().st_size > 0

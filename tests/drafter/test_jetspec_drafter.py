@@ -57,7 +57,7 @@ def test_training_features_equal_runtime_taps():
     ids = torch.randint(3, VOCAB, (30,)).tolist()
     ((feat_ids, hidden, prompt_len),) = compute_features(target, [{"prompt_ids": ids[:10], "response_ids": ids[10:]}],
                                                          (0, 2), progress=False)
-    v = js.TreeVerifier(target, max_cache_len=64, num_nodes=8, tap_layers=(0, 2))
+    v = js.TreeVerifier(target, max_cache_len=64, budget=8, tap_layers=(0, 2))
     _, expected = v.prefill(torch.tensor([ids]))
     assert prompt_len == 10 and feat_ids.tolist() == ids
     torch.testing.assert_close(hidden.float(), expected[0], atol=1e-2, rtol=1e-2)  # stored in fp16
@@ -89,6 +89,6 @@ def test_fast_training_features_equal_runtime_taps():
     ids = torch.randint(3, VOCAB, (40,)).tolist()
     ((_, hidden, _),) = compute_features(target, [{"prompt_ids": ids[:12], "response_ids": ids[12:]}], (0, 1),
                                          progress=False)
-    v = js.TreeVerifier(target, max_cache_len=64, num_nodes=8, tap_layers=(0, 1))
+    v = js.TreeVerifier(target, max_cache_len=64, budget=8, tap_layers=(0, 1))
     _, expected = v.prefill(torch.tensor([ids]))
     torch.testing.assert_close(hidden.float(), expected[0], atol=1e-2, rtol=1e-2)  # stored in fp16

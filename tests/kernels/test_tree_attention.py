@@ -150,7 +150,7 @@ def test_opcheck_fake_tensor_and_dispatch():
 
 @pytest.fixture(scope="module")
 def llama_step():
-    step, _ = build_verify_step(make_model("llama"), num_nodes=12)
+    step, _ = build_verify_step(make_model("llama"), budget=12)
     PassManager(LOWERING_PASSES)(step)
     return step
 

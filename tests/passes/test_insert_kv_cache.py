@@ -8,7 +8,7 @@ from tests.families import VOCAB, make_model
 
 def test_cache_written_per_layer_with_kv_heads():
     model = make_model("llama")  # 4 query heads, 2 KV heads
-    step = capture_step(model, batch_size=1, num_nodes=6)
+    step = capture_step(model, batch_size=1, budget=6)
     insert_tree_positions(step)
     result = insert_kv_cache(step)
     gm = step.graph_module

@@ -12,7 +12,7 @@ from tests.families import make_model
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen3_moe"])
 def test_every_attention_is_rewritten(family):
-    step, results = build_verify_step(make_model(family), num_nodes=4, run_checks=True)
+    step, results = build_verify_step(make_model(family), budget=4, run_checks=True)
     attention = find_attention_nodes(step.graph_module)
     assert results["insert_tree_mask"].stats["attention_rewritten"] == step.num_layers == len(attention)
     FileCheck().check_count("aten.scaled_dot_product_attention.default(", step.num_layers, exactly=True).run(

@@ -7,7 +7,7 @@ from tests.families import VOCAB, make_model
 
 def test_positions_become_base_plus_depth():
     model = make_model("gpt2")  # learned absolute positions: wrong positions change logits a lot
-    step = capture_step(model, batch_size=2, num_nodes=5)
+    step = capture_step(model, batch_size=2, budget=5)
     result = insert_tree_positions(step)
     step.graph_module.recompile()
     names = [n.name for n in step.graph_module.graph.nodes if n.op == "placeholder"]

@@ -8,7 +8,7 @@ from tests.families import make_model
 
 
 def test_manager_runs_passes_in_order_logs_and_dumps(caplog):
-    step = capture_step(make_model("llama"), num_nodes=3)
+    step = capture_step(make_model("llama"), budget=3)
     manager = PassManager(TREE_VERIFY_PIPELINE, run_checks_after_each_pass=True, dump=["insert_tree_mask"])
     with caplog.at_level(logging.INFO, logger="jetspec_compile.passes.manager"):
         results = manager(step)
@@ -27,6 +27,6 @@ def test_passes_out_of_order_fail_clearly():
     from jetspec_compile import UnsupportedModelError
     from jetspec_compile.passes import insert_tree_mask
 
-    step = capture_step(make_model("llama"), num_nodes=3)
+    step = capture_step(make_model("llama"), budget=3)
     with pytest.raises(UnsupportedModelError, match="run its pass first"):
         PassManager([insert_tree_mask])(step)

@@ -10,18 +10,18 @@ def test_alibi_slopes_are_found_and_plain_masks_have_none():
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
     model = make_model("bloom")
-    step, results = build_verify_step(model, num_nodes=6, run_checks=True)
+    step, results = build_verify_step(model, budget=6, run_checks=True)
     heads = model.config.n_head
     expected = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # slope · key position 1
     assert sorted(step.alibi_slopes) == list(range(step.num_layers))
     for slopes in step.alibi_slopes.values():
         torch.testing.assert_close(slopes, expected)
     assert results["insert_tree_alibi"].stats["alibi_layers"] == step.num_layers
-    assert build_verify_step(make_model("llama"), num_nodes=6)[0].alibi_slopes == {}
+    assert build_verify_step(make_model("llama"), budget=6)[0].alibi_slopes == {}
 
 
 def test_one_token_graphs_judge_the_bias_from_a_longer_capture():
-    step, _ = build_verify_step(make_model("bloom"), num_nodes=1)
+    step, _ = build_verify_step(make_model("bloom"), budget=1)
     assert sorted(step.alibi_slopes) == list(range(step.num_layers))
 
 
@@ -57,4 +57,4 @@ def test_unmodelled_attention_variant_is_refused(monkeypatch, extra, message):
     model = make_model("llama")
     _patch_sdpa(monkeypatch, extra)
     with pytest.raises(UnsupportedModelError, match=message):
-        TreeVerifier(model, max_cache_len=64, num_nodes=6)
+        TreeVerifier(model, max_cache_len=64, budget=6)

@@ -11,7 +11,7 @@ from tests.families import VOCAB, make_model
                                         ("bloom", torch.ops.aten.scaled_dot_product_attention.default)])
 def test_eager_attention_becomes_one_op_per_layer_and_keeps_the_logits(family, op):
     model = make_model(family)
-    step = capture_step(model, num_nodes=6)
+    step = capture_step(model, budget=6)
     assert not find_attention_nodes(step.graph_module)  # eager: matmul-softmax-matmul, no attention op yet
     results = PassManager([match_eager_attention], run_checks_after_each_pass=True)(step)
     attention = find_attention_nodes(step.graph_module)
@@ -48,7 +48,7 @@ def test_scores_scaled_after_the_mask_are_refused(monkeypatch):
         return torch.matmul(scores, value).transpose(1, 2).contiguous(), scores
 
     monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", reordered)
-    step = capture_step(make_model("gemma2"), num_nodes=4)
+    step = capture_step(make_model("gemma2"), budget=4)
     with pytest.raises(UnsupportedModelError, match="scaled after"):
         match_eager_attention(step)
 
@@ -61,7 +61,7 @@ def test_masked_fill_masks_and_alibi_added_to_4d_scores_are_matched():
 
     config = AutoConfig.for_model("mpt", d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    step = capture_step(model, batch_size=2, num_nodes=5)
+    step = capture_step(model, batch_size=2, budget=5)
     PassManager([match_eager_attention], run_checks_after_each_pass=True)(step)
     assert len(find_attention_nodes(step.graph_module)) == step.num_layers
     ids = torch.randint(3, VOCAB, (2, 5))
@@ -69,5 +69,5 @@ def test_masked_fill_masks_and_alibi_added_to_4d_scores_are_matched():
         expected = model(input_ids=ids).logits
         (actual,) = step.graph_module(ids, torch.arange(5).expand(2, 5))
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-    step, _ = build_verify_step(model, batch_size=2, num_nodes=5)
+    step, _ = build_verify_step(model, batch_size=2, budget=5)
     assert sorted(step.alibi_slopes) == [0, 1]

@@ -36,8 +36,8 @@ def _packed_count(gm):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D as addmm, biases; llama: bias-free linears
 def test_packed_graph_matches_the_plain_one(family, kernel):
     model = make_model(family)
-    plain = TreeVerifier(model, max_cache_len=96, num_nodes=12, compile_fn=functools.partial(lower_eager, prepack=False))
-    packed = TreeVerifier(model, max_cache_len=96, num_nodes=12, compile_fn=lower_eager)
+    plain = TreeVerifier(model, max_cache_len=96, budget=12, compile_fn=functools.partial(lower_eager, prepack=False))
+    packed = TreeVerifier(model, max_cache_len=96, budget=12, compile_fn=lower_eager)
     linears = _count(plain.graph, torch.ops.aten.linear.default)
     assert _count(packed.graph, OPS[kernel]) == linears
     assert _count(packed.graph, torch.ops.aten.linear.default) == 0
@@ -46,12 +46,12 @@ def test_packed_graph_matches_the_plain_one(family, kernel):
 
 def test_only_small_fp32_cpu_graphs_are_packed():
     model = make_model("llama")
-    step, _ = build_verify_step(model, num_nodes=MAX_ROWS + 1)  # too many rows: the GEMM packs cheaply itself
+    step, _ = build_verify_step(model, budget=MAX_ROWS + 1)  # too many rows: the GEMM packs cheaply itself
     result = prepack_linear_weights(step)
     assert not result.modified and _packed_count(step.graph_module) == 0
-    step, _ = build_verify_step(model, num_nodes=MIN_ROWS - 1)  # one row: a GEMV needs no packing
+    step, _ = build_verify_step(model, budget=MIN_ROWS - 1)  # one row: a GEMV needs no packing
     assert not prepack_linear_weights(step).modified
-    step, _ = build_verify_step(model.to(torch.bfloat16), num_nodes=4)  # fp32 only (MKL's packed GEMM is)
+    step, _ = build_verify_step(model.to(torch.bfloat16), budget=4)  # fp32 only (MKL's packed GEMM is)
     assert not prepack_linear_weights(step).modified
 
 
@@ -60,7 +60,7 @@ def test_shared_weights_are_packed_once(kernel):
     first, second = model.model.layers[0].mlp, model.model.layers[1].mlp
     for name in ("gate_proj", "up_proj", "down_proj"):  # one weight used by two layers' linears
         getattr(second, name).weight = getattr(first, name).weight
-    step, _ = build_verify_step(model, num_nodes=4)
+    step, _ = build_verify_step(model, budget=4)
     stats = prepack_linear_weights(step).stats
     gm = step.graph_module
     packed = [n.args[1].target for n in gm.graph.nodes if n.op == "call_function" and n.target is OPS[kernel]]
@@ -70,20 +70,20 @@ def test_shared_weights_are_packed_once(kernel):
 
 def test_graphs_of_one_row_count_share_packed_weights_and_repack_after_an_update(kernel):
     model = make_model("llama")
-    small, _ = build_verify_step(model, num_nodes=4)
-    large, _ = build_verify_step(model, num_nodes=12)
+    small, _ = build_verify_step(model, budget=4)
+    large, _ = build_verify_step(model, budget=12)
     for step in (small, large):
         prepack_linear_weights(step)
     packed = lambda step: dict(step.graph_module.named_buffers())  # noqa: E731
     a, b = packed(small), packed(large)
     names = [k for k in a if k.startswith("_jetspec_packed_")]
     assert names and not any(a[k] is b[k] for k in names)  # packed per row count (another count runs unpacked-slow)
-    twin, _ = build_verify_step(model, num_nodes=12)
+    twin, _ = build_verify_step(model, budget=12)
     prepack_linear_weights(twin)
     assert all(packed(twin)[k] is b[k] for k in names)  # the same row count shares one copy
     with torch.no_grad():
         model.lm_head.weight.mul_(0.5)  # an in-place update must not run against the stale packed copy
-    again, _ = build_verify_step(model, num_nodes=4)
+    again, _ = build_verify_step(model, budget=4)
     prepack_linear_weights(again)
     x = torch.randn(1, 4, model.config.hidden_size)
     node = next(n for n in again.graph_module.graph.nodes if n.op == "call_function" and n.target is OPS[kernel]
@@ -148,7 +148,7 @@ def test_auto_takes_the_faster_kernel_per_shape(monkeypatch):
             timings[key] = {"mkl": 1.0, "onednn": 2.0}
     for out_f, in_f in {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}:
         timings.setdefault((out_f, in_f, 4), {"mkl": 1.0, "onednn": 2.0})
-    step, _ = build_verify_step(model, num_nodes=4)
+    step, _ = build_verify_step(model, budget=4)
     stats = prepack_linear_weights(step).stats
     assert stats["onednn_linears"] == 1 and stats["mkl_linears"] == 3 * 7
 
@@ -159,6 +159,6 @@ def test_a_bad_kernel_setting_is_a_clear_error(monkeypatch):
         choose_kernel(8, 8, 4)
     from jetspec_compile.backends.inductor import lower_inductor
 
-    step, _ = build_verify_step(make_model("llama"), num_nodes=4)
+    step, _ = build_verify_step(make_model("llama"), budget=4)
     with pytest.raises(ValueError, match="blas"):
         lower_inductor(step)

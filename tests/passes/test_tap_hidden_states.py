@@ -15,7 +15,7 @@ def test_default_layers_follow_jetspec():
 @pytest.mark.parametrize("family", ["gpt_neox", "opt", "phi3"])
 def test_taps_equal_hf_hidden_states(family):
     model = make_model(family)
-    step = capture_step(model, num_nodes=5)
+    step = capture_step(model, budget=5)
     step.tap_layers = (0, 1)
     tap_hidden_states(step)
     step.graph_module.recompile()
@@ -27,7 +27,7 @@ def test_taps_equal_hf_hidden_states(family):
 
 
 def test_out_of_range_layer_is_refused():
-    step = capture_step(make_model("llama"), num_nodes=2)
+    step = capture_step(make_model("llama"), budget=2)
     step.tap_layers = (5,)
     with pytest.raises(ValueError, match="out of range"):
         tap_hidden_states(step)

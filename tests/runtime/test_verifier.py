@@ -18,7 +18,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 @functools.lru_cache(maxsize=None)
 def verifier(family: str, batch: int) -> TreeVerifier:
-    return TreeVerifier(make_model(family), max_cache_len=256, batch_size=batch, num_nodes=BUDGET,
+    return TreeVerifier(make_model(family), max_cache_len=256, batch_size=batch, budget=BUDGET,
                         run_checks=True)
 
 
@@ -71,7 +71,7 @@ def test_commit_then_next_step_matches_eager(family):
 @pytest.mark.parametrize("model_prefill", [True, False])
 def test_prefill_matches_eager_and_taps_match_hidden_states(model_prefill):
     model = make_model("llama")
-    v = TreeVerifier(model, max_cache_len=128, num_nodes=8, tap_layers=(0, 1), model_prefill=model_prefill)
+    v = TreeVerifier(model, max_cache_len=128, budget=8, tap_layers=(0, 1), model_prefill=model_prefill)
     assert v._model_prefill is model_prefill  # decided by the construction's self-check
     ids = torch.randint(3, VOCAB, (1, 19))
     logits, hidden = v.prefill(ids)
@@ -91,7 +91,7 @@ def test_model_prefill_fills_the_state_the_graph_would(family):
     tensor per layer (else the graph does); cache, taps, logits and the next verify equal the graph's chunked
     prefill, left padding included."""
     model = make_model(family)
-    kw = dict(max_cache_len=128, batch_size=2, num_nodes=8, tap_layers=(0, 1), prefill_chunk=8, self_check=False)
+    kw = dict(max_cache_len=128, batch_size=2, budget=8, tap_layers=(0, 1), prefill_chunk=8, self_check=False)
     fast, graph = TreeVerifier(model, **kw), TreeVerifier(model, model_prefill=False, **kw)
     rng = random.Random(3)
     ids, mask = left_pad([[rng.randrange(3, VOCAB) for _ in range(n)] for n in (21, 13)])
@@ -117,7 +117,7 @@ def test_model_prefill_that_disagrees_with_the_graph_is_not_used(monkeypatch):
         return out
 
     monkeypatch.setattr(prefill_paths, "prefill_with_model", off_by_a_bit)
-    v = TreeVerifier(model, max_cache_len=128, num_nodes=8, tap_layers=(0, 1))  # the self-check prefills once
+    v = TreeVerifier(model, max_cache_len=128, budget=8, tap_layers=(0, 1))  # the self-check prefills once
     assert v._model_prefill is False
     ids = torch.randint(3, VOCAB, (1, 19))
     logits, _ = v.prefill(ids)
@@ -126,7 +126,7 @@ def test_model_prefill_that_disagrees_with_the_graph_is_not_used(monkeypatch):
 
 
 def test_bad_inputs_get_clear_errors():
-    v = TreeVerifier(make_model("llama"), max_cache_len=40, num_nodes=8)
+    v = TreeVerifier(make_model("llama"), max_cache_len=40, budget=8)
     with pytest.raises(ValueError, match="empty"):
         v.prefill(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
@@ -160,22 +160,22 @@ def test_non_causal_model_is_refused():
     bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64))
     with pytest.raises(UnsupportedModelError, match="not a causal language model"):
-        TreeVerifier(bert, max_cache_len=32, num_nodes=4)
+        TreeVerifier(bert, max_cache_len=32, budget=4)
 
 
 def test_prepare_lowers_every_graph_up_front():
     lowered = []
 
     def spy(step):
-        lowered.append(step.num_nodes)
+        lowered.append(step.budget)
         return step.graph_module
 
-    v = TreeVerifier(make_model("llama"), max_cache_len=128, num_nodes=8, extra_budgets=(1, 4), compile_fn=spy,
+    v = TreeVerifier(make_model("llama"), max_cache_len=128, budget=8, extra_budgets=(1, 4), compile_fn=spy,
                      self_check=False, prefill_chunk=32)
     assert lowered == [8]
     assert v.prepare() == [1, 4, 8, 32]
     assert sorted(lowered) == [1, 4, 8, 32] and sorted(v._graphs) == [1, 4, 8, 32]
     # where the model itself prefills, no prefill-chunk graph is lowered
-    v = TreeVerifier(make_model("llama"), max_cache_len=128, num_nodes=8, tap_layers=(0, 1), compile_fn=spy,
+    v = TreeVerifier(make_model("llama"), max_cache_len=128, budget=8, tap_layers=(0, 1), compile_fn=spy,
                      self_check=False, prefill_chunk=32)
     assert v.prepare() == [8]
