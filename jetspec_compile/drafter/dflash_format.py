@@ -31,9 +31,6 @@ output drafts depth 1) cannot be expressed in it and is refused. The corpus save
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..capture import text_config
+from ..io import atomic_folder
 from .model import DrafterConfig, ParallelDrafter, vocab_problem
 
 __all__ = ["export_dflash", "load_dflash_drafter", "dflash_layout", "export_problem", "unused_token", "LAYOUTS"]
@@ -157,26 +155,11 @@ def export_dflash(drafter, out: str | Path, layout: str = "native", *, max_posit
                 "verifier": {"name_or_path": verifier or cfg.target_name, "architectures": []}},
         }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         torch.save({"mask_token_id": cfg.mask_token_id,
                     "embedding": net.mask_embedding.detach().to(dtype).cpu().clone()}, tmp / MASK_FILE)
-        tmp.chmod(0o755)
-        for item in tmp.iterdir():
-            item.chmod(0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
