@@ -119,12 +119,12 @@ class OrtVerifyStep:
         self.interface = VerifyInterface.from_json(json.loads(Path(str(path) + ".json").read_text()))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.runner = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.runner.get_inputs()]
 
     def __call__(self, **inputs):
         feeds = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
-        logits, hidden, *new_kv = self.session.run(None, feeds)
+        logits, hidden, *new_kv = self.runner.run(None, feeds)
         self.interface.write_new_kv(inputs, new_kv)
         device = inputs[INPUT_IDS].device
         return torch.from_numpy(logits).to(device), torch.from_numpy(hidden).to(device)

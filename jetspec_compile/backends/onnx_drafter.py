@@ -122,9 +122,9 @@ class OrtDraftStep:
         self.meta = json.loads(Path(str(path) + ".json").read_text())
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.runner = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         self.num_layers = self.meta["num_layers"]
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.input_names = {i.name for i in self.runner.get_inputs()}
 
     def __call__(self, *, hidden, positions, anchors, revealed, block_positions, past):
         from torch.utils import _pytree as pytree
@@ -134,7 +134,7 @@ class OrtDraftStep:
         leaves = pytree.tree_leaves(inputs)  # named by the same flattening as at export
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(_flat_names(inputs), leaves)
                  if name in self.input_names}
-        logprobs, *new = self.session.run(None, feeds)
+        logprobs, *new = self.runner.run(None, feeds)
         new = [torch.from_numpy(a) for a in new]
         return torch.from_numpy(logprobs), [(new[2 * i], new[2 * i + 1]) for i in range(self.num_layers)]
 
