@@ -131,7 +131,7 @@ class BatchScheduler:
         self._queue: list[Request] = []
         self._busy = False
 
-    def submit(self, request: Request) -> tuple[list[list[int]], dict]:
+    def submit(self, request: Request) -> tuple[list[list[int]], object]:
         """Wait for ``request``'s turn (or for another caller to run it in its batch); returns its rows' new
         tokens and the statistics of the loop it ran in. Raises what that loop (or its own streamer) raised."""
         with self._cond:
@@ -170,8 +170,7 @@ class BatchScheduler:
         try:
             batch = _Batch.of(group)
             emit = batch.emit if any(r.emit is not None for r in group) else None
-            outputs, stats = self._run(batch.input_ids, batch.attention_mask, group, emit)
-            stats = dataclasses.replace(stats, batch_size=int(batch.input_ids.shape[0]))
+            outputs, stats = self._run(batch.input_ids, batch.attention_mask, group, emit)  # stats.batch_size: rows
             for r, start in zip(group, batch.offsets):
                 r.outputs, r.stats = outputs[start:start + r.rows], dataclasses.replace(stats)
         except BaseException as exc:  # every waiting caller must wake up and see it
