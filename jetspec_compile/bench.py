@@ -60,7 +60,7 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--no-assisted", action="store_true", help="skip HF prompt-lookup assisted generation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample", default=None, metavar="T[,TOP_P]", type=parse_sample,
-                    help="also run HF and every speculative method sampled at temperature T (and top-p), as "
+                    help="also run HF, the peers and every speculative method sampled at temperature T (and top-p), as "
                          "'*-sample' rows compared with HF sampling, e.g. --sample 0.7,0.9")
     ap.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS),
                     help="other engines on the same prompts: 'vllm' adds vLLM CPU plain decoding and vLLM n-gram "
@@ -105,7 +105,7 @@ def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]
     peers = peers or {}
     methods = ["hf"] + (["hf-prompt-lookup"] if assisted else []) + list(peers) + list(specs)
     if sample is not None:
-        methods += ["hf-sample"] + [f"{name}-sample" for name in specs]
+        methods += ["hf-sample"] + [f"{name}-sample" for name in list(peers) + list(specs)]
     records = run_interleaved(model, specs, prompt_sets, methods, max_new_tokens=max_new_tokens, progress=progress,
                               peers=peers, sample=sample)
     return {"methods": methods, "records": records, "summary": summarize(records, methods, peers=list(peers))}
@@ -126,7 +126,7 @@ def build_specs(model, drafter_factory, *, budgets=(8,), backends=("eager",)) ->
 def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]], methods, *, max_new_tokens=128,
                     progress=True, peers=None, sample: dict | None = None) -> list[dict]:
     """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup``, a name in ``specs`` or in ``peers``, or
-    ``hf`` / a spec with ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is marked
+    ``hf`` / a spec / a peer with ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is marked
     as warm-up. One record per run, with token-identity to HF's greedy output (None for sampled runs; where it
     differs, the first new token that does)."""
     peers = peers or {}
@@ -140,9 +140,14 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
             ref = None
             for method in methods:
                 sampled = method.endswith("-sample")
+                engine = method.removesuffix("-sample")
                 start = time.perf_counter()
                 with torch.no_grad():
-                    if sampled:
+                    if engine in peers:
+                        peer_out = peers[engine].generate([ids], max_new_tokens, stop_token_ids=eos,
+                                                          **(_peer_sampling(sample, seed=i) if sampled else {}))
+                        out = torch.tensor([ids + peer_out.outputs[0]])
+                    elif sampled:
                         out = _generate_sampled(model, specs, method.removesuffix("-sample"), x, max_new_tokens,
                                                 sample, seed=i)
                     elif method == "hf":
@@ -152,13 +157,10 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                     elif method == "hf-prompt-lookup":
                         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                              do_sample=False, prompt_lookup_num_tokens=10)
-                    elif method in peers:
-                        peer_out = peers[method].generate([ids], max_new_tokens, stop_token_ids=eos)
-                        out = torch.tensor([ids + peer_out.outputs[0]])
                     else:
                         out = specs[method].generate(x, max_new_tokens=max_new_tokens)
                 elapsed = time.perf_counter() - start
-                if method in peers:
+                if engine in peers:
                     elapsed = peer_out.seconds  # the engine call itself, not the pipe to its process
                 new = out.shape[1] - x.shape[1]
                 rec = {"set": set_name, "prompt": i, "method": method, "seconds": elapsed, "new_tokens": new,
@@ -168,10 +170,10 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                 if not sampled and not rec["identical"]:
                     rec["first_difference"] = first_difference(out[0, x.shape[1]:].tolist(),
                                                                ref[0, x.shape[1]:].tolist())
-                if method in peers:
+                if engine in peers:
                     rec["spec_decode"] = peer_out.spec_decode
-                if method.removesuffix("-sample") in specs:
-                    st = specs[method.removesuffix("-sample")].last_stats
+                if engine in specs:
+                    st = specs[engine].last_stats
                     rec.update(tau=st["tau"], histogram=st["acceptance_histogram"], trace=st.get("trace"),
                                budgets_used=st.get("budgets_used"),
                                draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"])
@@ -179,6 +181,11 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                 bar.update(1)
     bar.close()
     return records
+
+
+def _peer_sampling(sample: dict, seed: int) -> dict:
+    """``generate`` sampling arguments as a peer engine takes them (vLLM: top-p 1.0 is off)."""
+    return {"temperature": sample["temperature"], "top_p": sample.get("top_p") or 1.0, "seed": seed}
 
 
 def _generate_sampled(model, specs: dict, method: str, x, max_new_tokens: int, sample: dict, seed: int):
@@ -191,8 +198,8 @@ def _generate_sampled(model, specs: dict, method: str, x, max_new_tokens: int, s
 
 def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
     """Per set and method: median tok/s, ratios to HF (median, min, max over prompts; sampled runs against HF
-    sampling), τ; with ``peers`` also each method's ratio to the strongest peer of that set (highest median tok/s)
-    and the peers' own speculation counters."""
+    sampling), τ; with ``peers`` also each method's ratio to the strongest peer of that set (highest median tok/s;
+    sampled methods against the strongest sampled peer) and the peers' own speculation counters."""
     out = {}
     sets = sorted({r["set"] for r in records})
     for s in sets:
@@ -229,7 +236,10 @@ def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
                     ratios = [p[m]["tokens_per_second"] / p["hf-prompt-lookup"]["tokens_per_second"]
                               for p in by_prompt.values() if m in p and "hf-prompt-lookup" in p]
                     out[s][m]["vs_prompt_lookup_median"] = statistics.median(ratios)
-        _peer_summary(out[s], by_prompt, methods, [p for p in peers if p in out[s]])
+        for sampled in (False, True):  # greedy methods against the greedy peers, sampled ones against sampled
+            names = [m for m in methods if m.endswith("-sample") == sampled]
+            engines = [f"{p}-sample" if sampled else p for p in peers]
+            _peer_summary(out[s], by_prompt, names, [p for p in engines if p in out[s]])
     out["peak_rss_mb"] = max(r["rss_mb"] for r in records)
     return out
 

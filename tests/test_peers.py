@@ -28,9 +28,12 @@ import os
 __version__ = "0.0-fake"
 
 class SamplingParams:
-    def __init__(self, max_tokens, temperature=1.0, stop_token_ids=(), detokenize=True, seed=None):
-        assert temperature == 0.0 and not detokenize
+    def __init__(self, max_tokens, temperature=1.0, top_p=1.0, stop_token_ids=(), detokenize=True, seed=None):
+        assert not detokenize
         self.max_tokens, self.stop = max_tokens, list(stop_token_ids)
+        # "sampling" here: count up in steps of 2 from the last prompt token plus the seed
+        self.stride, self.offset = (2, seed) if temperature > 0 else (1, 0)
+        self.top_p = top_p
 
 class _Metric:
     def __init__(self, name, value):
@@ -56,9 +59,9 @@ class LLM:
     def generate(self, prompts, params, use_tqdm=True):
         outs = []
         for p in prompts:
-            ids, t = [], p["prompt_token_ids"][-1]
+            ids, t = [], p["prompt_token_ids"][-1] + params.offset
             while len(ids) < params.max_tokens:
-                t = (t + 1) % 50
+                t = (t + params.stride) % 50
                 ids.append(t)
                 self.steps += 1
                 if t in params.stop:
@@ -100,6 +103,10 @@ def test_worker_protocol_outputs_stop_tokens_and_spec_counters(fake_python, tmp_
         assert first.spec_decode == {"drafts": 9, "draft_tokens": 72, "accepted_tokens": 18}
         second = peer.generate([[1]], 2)
         assert second.outputs == [[2, 3]] and second.spec_decode["drafts"] == 2  # counters per call, not cumulative
+        sampled = peer.generate([[1]], 3, temperature=0.7, top_p=0.9, seed=5)
+        assert sampled.outputs == [[8, 10, 12]]  # temperature and seed reached SamplingParams
+        with pytest.raises(ValueError, match="top_p"):
+            peer.generate([[1]], 3, temperature=0.7, top_p=0.0)
     assert "vLLM log line on stdout" in log.read_text()  # vLLM's prints went to the log, not the protocol
 
 
@@ -126,8 +133,11 @@ class GreedyPeer:
 
     def __init__(self, model, wrong_at=None):
         self.model, self.wrong_at = model, wrong_at
+        self.sampling = []  # the sampling arguments of each sampled request
 
-    def generate(self, prompts, max_new_tokens, stop_token_ids=()):
+    def generate(self, prompts, max_new_tokens, stop_token_ids=(), **sampling):
+        if sampling:
+            self.sampling.append(sampling)
         outs = []
         for ids in prompts:
             x = torch.tensor([ids])
@@ -173,6 +183,28 @@ def test_bench_peer_columns_identity_and_batches():
     assert set(rows["jetspec-b4"]["budgets_used"]) <= {1, 4} and rows["jetspec-b4"]["budgets_used"]
     table = batch_markdown(batches, peers=list(peers))
     assert "| 3 | jetspec-b4 |" in table and "| 3/3 |" in table and "| 0/3 |" in table
+
+
+def test_bench_sampled_peers_are_compared_with_sampled_methods():
+    model = make_model("llama")
+    model.generation_config.eos_token_id = None
+    spec = js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=128)
+    peers = {"vllm": GreedyPeer(model), "vllm-ngram": GreedyPeer(model)}
+    g = torch.Generator().manual_seed(1)
+    prompts = {"s": [torch.randint(3, 97, (n,), generator=g).tolist() for n in (6, 9, 7)]}
+    sample = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    methods = ["hf", "vllm", "jetspec-b4", "hf-sample", "vllm-sample", "vllm-ngram-sample", "jetspec-b4-sample"]
+    records = run_interleaved(model, {"jetspec-b4": spec}, prompts, methods, max_new_tokens=8, progress=False,
+                              peers=peers, sample=sample)
+    assert peers["vllm"].sampling == [{"temperature": 0.7, "top_p": 0.9, "seed": i} for i in range(3)]
+    assert all(r["identical"] is None for r in records if r["method"].endswith("-sample"))
+    entries = summarize(records, methods, peers=["vllm", "vllm-ngram"])["s"]
+    by = {(r["method"], r["prompt"]): r for r in records}
+    ratios = [by["vllm-sample", i]["tokens_per_second"] / by["hf-sample", i]["tokens_per_second"] for i in (1, 2)]
+    assert entries["vllm-sample"]["speedup_min"] == min(ratios)  # sampled peers against HF sampling
+    best = max(("vllm-sample", "vllm-ngram-sample"), key=lambda p: entries[p]["tokens_per_second"])
+    assert entries["jetspec-b4-sample"]["vs_peer"]["peer"] == best
+    assert entries["jetspec-b4"]["vs_peer"]["peer"] == "vllm"  # greedy against the greedy peer only
 
 
 def _peer_python_or_skip():

@@ -126,11 +126,14 @@ class VLLMPeer:
         return f"\n--- last lines of {self.log_path} ---\n{text}"
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, stop_token_ids=(), temperature: float = 0.0,
-                 seed: int | None = None) -> PeerResult:
-        """New tokens for each prompt (token id lists), all submitted at once as concurrent requests."""
+                 top_p: float = 1.0, seed: int | None = None) -> PeerResult:
+        """New tokens for each prompt (token id lists), all submitted at once as concurrent requests; greedy at
+        ``temperature`` 0, else sampled (``top_p``, ``seed``)."""
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         answer = self._call({"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": int(max_new_tokens),
                              "stop_token_ids": [int(t) for t in stop_token_ids], "temperature": temperature,
-                             "seed": seed})
+                             "top_p": top_p, "seed": seed})
         if len(answer["outputs"]) != len(prompts):
             raise PeerUnavailable(f"the vLLM worker answered {len(answer['outputs'])} outputs for {len(prompts)} "
                                   "prompts")

@@ -11,9 +11,10 @@ Protocol, one JSON object per line. The first line on stdin configures the engin
 
 and the worker answers ``{"ready": true, "vllm": "<version>", "method": ...}``. Each further line is a request::
 
-    {"prompts": [[token ids], ...], "max_new_tokens": 128, "temperature": 0.0, "stop_token_ids": [2]}
+    {"prompts": [[token ids], ...], "max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "seed": null,
+     "stop_token_ids": [2]}
 
-submitted as one ``LLM.generate`` call (so its prompts run as concurrent requests), answered with
+(temperature 0: greedy) submitted as one ``LLM.generate`` call (so its prompts run as concurrent requests), answered with
 ``{"outputs": [[new token ids], ...], "seconds": <wall time of the call>, "spec_decode": {"drafts": ...,
 "draft_tokens": ..., "accepted_tokens": ...}}`` (vLLM's speculative-decoding counters for that call; zeros for
 plain decoding). A failure is answered ``{"error": "<message>"}`` and ends the worker; end of input ends it too.
@@ -97,7 +98,7 @@ def serve(cfg: dict, requests, reply) -> None:
             continue
         req = json.loads(line)
         params = SamplingParams(max_tokens=int(req["max_new_tokens"]), temperature=float(req.get("temperature", 0.0)),
-                                stop_token_ids=list(req.get("stop_token_ids", [])), detokenize=False,
+                                top_p=float(req.get("top_p", 1.0)), stop_token_ids=list(req.get("stop_token_ids", [])), detokenize=False,
                                 seed=req.get("seed"))
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in req["prompts"]]
         start = time.perf_counter()
