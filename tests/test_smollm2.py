@@ -149,3 +149,35 @@ def test_build_corpus_command_indexes_responses_and_refuses_bad_data(smollm2, tm
     corpus = load_corpus(tmp_path / "d", model)
     assert len(corpus) == 8 + 3  # the kept sequences, then the new one again
     assert corpus.tree([6, 10], nodes=4, depth=4)[0] == (10, 11, 12) and corpus.tree([7, 20], 3, 3)[0] == (20, 21)
+
+
+def test_shipped_drafter_has_the_dflash_shape_and_survives_export(smollm2, tmp_path):
+    """The shipped drafter is the one vLLM and SGLang serve: exported in vLLM's native DFlash layout and read back,
+    it drafts the same tree from the same real context (taps of SmolLM2 on a held-out prompt and its answer)."""
+    from jetspec_compile.drafter import JetSpecDrafter, load_drafter, shipped_drafter_path
+    from jetspec_compile.drafter.dflash_format import dflash_layout, export_dflash
+    from jetspec_compile.prompts import encode_chat, load_prompts
+
+    model, tok = smollm2
+    net = load_drafter(shipped_drafter_path("smollm2"), model)
+    assert net.cfg.style == "dflash" and net.cfg.mask_token_id >= 0
+    out = export_dflash(net, tmp_path / "vllm-drafter")
+    assert dflash_layout(out) == "native"
+    back = load_drafter(out, model)
+    assert back.cfg.tap_layers == net.cfg.tap_layers and back.cfg.causal == net.cfg.causal
+
+    ids = torch.tensor(encode_chat(tok, load_prompts("gsm", "test", 1)[0]))
+    with torch.no_grad():
+        ids = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=24,
+                             do_sample=False)[0]
+        states = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+    hidden = torch.cat([states[i + 1][0] for i in net.cfg.tap_layers], -1)
+    trees, logprobs = [], []
+    for drafter in (net, back):
+        d = JetSpecDrafter(drafter, lookup_nodes=0)
+        d.begin([ids[:-1].tolist()], [hidden[:-1]])
+        logprobs.append(d.depth_logprobs(0, int(ids[-1])))
+        trees.append(d.draft([int(ids[-1])], 16)[0])
+    order = [m.draft_vocab.argsort() for m in (net, back)]  # the export orders the draft vocabulary by token id
+    torch.testing.assert_close(logprobs[1][:, order[1]], logprobs[0][:, order[0]], atol=1e-4, rtol=1e-4)
+    assert trees[0] == trees[1]

@@ -1,8 +1,8 @@
 """A drafter trained here, served by a real engine: vLLM 0.32 (CPU build, its own venv from ``make peers``) loads
 the exported DFlash checkpoint, decodes greedily exactly as without speculation and as HF, and accepts about as
-many draft tokens per step as jetspec_compile drafting the same chain. ``make test-vllm``; the ``peers`` marker
-keeps it out of the default suite (it starts vLLM twice and, without a trained drafter in ``.cache``, trains one
-for a few minutes)."""
+many draft tokens per step as jetspec_compile drafting the same chain. The drafter is the shipped SmolLM2 one
+(``$JETSPEC_VLLM_DRAFTER`` names another). ``make test-vllm``; the ``peers`` marker keeps it out of the default
+suite (it starts vLLM twice, several minutes each on 2 cores)."""
 
 import importlib.util
 import os
