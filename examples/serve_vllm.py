@@ -1,9 +1,9 @@
 """Serve a jetspec_compile drafter with vLLM: offline ``LLM`` and ``vllm serve`` + an OpenAI client request.
 
-A drafter of the DFlash shape (``jetspec-compile train-drafter --style dflash --bidirectional``) is exported once,
-with jetspec_compile's environment, in vLLM's native DFlash layout::
+A drafter of the DFlash shape (the shipped SmolLM2 one, or yours from ``jetspec-compile train-drafter --style
+dflash``) is exported once, with jetspec_compile's environment, in vLLM's native DFlash layout::
 
-    jetspec-compile export-vllm drafters/smollm2-dflash/drafter vllm-drafter/
+    jetspec-compile export-vllm smollm2 vllm-drafter/
 
 then this script runs with the Python of a vLLM environment (vLLM's CPU build: ``make peers`` creates
 ``.peers/vllm``; on a GPU, plain ``pip install vllm``)::

@@ -6,7 +6,7 @@
     jetspec-compile check --model smollm2 --drafter drafters/smollm2
     jetspec-compile bench --model smollm2 --drafter drafters/smollm2 --prompts humaneval gsm
     jetspec-compile export-trt --model smollm2 --drafter smollm2 --out engines/
-    jetspec-compile export-vllm drafters/smollm2-dflash/drafter vllm-drafter/
+    jetspec-compile export-vllm smollm2 vllm-drafter/
 """
 
 from __future__ import annotations
@@ -218,9 +218,9 @@ def main(argv=None) -> None:
     tr.add_argument("--draft-vocab", type=int, default=RECIPE.draft_vocab,
                     help="train and draft over the N most frequent tokens of the target's responses (0: all; see "
                          "draft-vocab)")
-    tr.add_argument("--style", choices=["jetspec", "dflash"], default="jetspec",
-                    help="drafter shape: 'dflash' is the one vLLM and SGLang serve (export-vllm); 'jetspec': every "
-                         "block slot predicts the next position")
+    tr.add_argument("--style", choices=["jetspec", "dflash"], default=RECIPE.style,
+                    help="drafter shape: 'dflash' (default; the shipped drafter's) is the one vLLM and SGLang serve "
+                         "(export-vllm); 'jetspec': every block slot predicts the next position")
     tr.add_argument("--bidirectional", action="store_true", help="--style dflash: attention inside a block sees the "
                     "whole block (DFlash's own choice) instead of a causal prefix")
     tr.add_argument("--mask-token-id", type=int, help="--style dflash: the token engines feed in MASK slots "

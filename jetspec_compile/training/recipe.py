@@ -40,8 +40,9 @@ class Recipe:
         init_from: continue from (and with more ``layers``, grow) this drafter checkpoint.
         resume: continue a training state found in the output folder.
         style, causal, mask_token_id: the drafter shape (:class:`~jetspec_compile.drafter.model.DrafterConfig`);
-            ``"dflash"`` is the one serving engines run (``jetspec-compile export-vllm``); its mask token defaults
-            to the highest id that never occurs in the data.
+            ``"dflash"`` (the default, and the shipped drafter's) is the one serving engines run
+            (``jetspec-compile export-vllm``); its mask token defaults to the highest id that never occurs in
+            the data. ``"jetspec"`` drafts the next position from every block slot.
     """
 
     prompts: tuple[str, ...] = ("humaneval", "pyfunc", "gsm", "codeio")
@@ -61,7 +62,7 @@ class Recipe:
     draft_vocab: int = 4096
     init_from: str | None = None
     resume: bool = True
-    style: str = "jetspec"
+    style: str = "dflash"
     causal: bool = True
     mask_token_id: int | None = None
 
