@@ -60,8 +60,8 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--no-assisted", action="store_true", help="skip HF prompt-lookup assisted generation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample", default=None, metavar="T[,TOP_P]", type=parse_sample,
-                    help="also run HF, the peers and every speculative method sampled at temperature T (and top-p), as "
-                         "'*-sample' rows compared with HF sampling, e.g. --sample 0.7,0.9")
+                    help="also run HF, the peers and every speculative method sampled at temperature T (and "
+                         "top-p), as '*-sample' rows compared with HF sampling, e.g. --sample 0.7,0.9")
     ap.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS),
                     help="other engines on the same prompts: 'vllm' adds vLLM CPU plain decoding and vLLM n-gram "
                          "speculation (needs the venv `make peers` creates)")
@@ -126,8 +126,8 @@ def build_specs(model, drafter_factory, *, budgets=(8,), backends=("eager",)) ->
 def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]], methods, *, max_new_tokens=128,
                     progress=True, peers=None, sample: dict | None = None) -> list[dict]:
     """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup``, a name in ``specs`` or in ``peers``, or
-    ``hf`` / a spec / a peer with ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is marked
-    as warm-up. One record per run, with token-identity to HF's greedy output (None for sampled runs; where it
+    ``hf`` / a spec / a peer with ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is
+    marked as warm-up. One record per run, with token-identity to HF's greedy output (None for sampled runs; where it
     differs, the first new token that does)."""
     peers = peers or {}
     eos = _eos_ids(model)
@@ -148,8 +148,7 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                                                           **(_peer_sampling(sample, seed=i) if sampled else {}))
                         out = torch.tensor([ids + peer_out.outputs[0]])
                     elif sampled:
-                        out = _generate_sampled(model, specs, method.removesuffix("-sample"), x, max_new_tokens,
-                                                sample, seed=i)
+                        out = _generate_sampled(model, specs, engine, x, max_new_tokens, sample, seed=i)
                     elif method == "hf":
                         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                              do_sample=False)
