@@ -14,8 +14,8 @@ and the worker answers ``{"ready": true, "vllm": "<version>", "method": ...}``. 
     {"prompts": [[token ids], ...], "max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "seed": null,
      "stop_token_ids": [2]}
 
-(temperature 0: greedy) submitted as one ``LLM.generate`` call (so its prompts run as concurrent requests), answered with
-``{"outputs": [[new token ids], ...], "seconds": <wall time of the call>, "spec_decode": {"drafts": ...,
+(temperature 0: greedy) submitted as one ``LLM.generate`` call (so its prompts run as concurrent requests),
+answered with ``{"outputs": [[new token ids], ...], "seconds": <wall time of the call>, "spec_decode": {"drafts": ...,
 "draft_tokens": ..., "accepted_tokens": ...}}`` (vLLM's speculative-decoding counters for that call; zeros for
 plain decoding). A failure is answered ``{"error": "<message>"}`` and ends the worker; end of input ends it too.
 Answers go to the original stdout; anything vLLM prints goes to stderr.
@@ -98,8 +98,8 @@ def serve(cfg: dict, requests, reply) -> None:
             continue
         req = json.loads(line)
         params = SamplingParams(max_tokens=int(req["max_new_tokens"]), temperature=float(req.get("temperature", 0.0)),
-                                top_p=float(req.get("top_p", 1.0)), stop_token_ids=list(req.get("stop_token_ids", [])), detokenize=False,
-                                seed=req.get("seed"))
+                                top_p=float(req.get("top_p", 1.0)), stop_token_ids=list(req.get("stop_token_ids", [])),
+                                detokenize=False, seed=req.get("seed"))
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in req["prompts"]]
         start = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
