@@ -198,8 +198,11 @@ def _generate_sampled(model, specs: dict, method: str, x, max_new_tokens: int, s
 def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
     """Per set and method: median tok/s, ratios to HF (median, min, max over prompts; sampled runs against HF
     sampling), τ; with ``peers`` also each method's ratio to the strongest peer of that set (highest median tok/s;
-    sampled methods against the strongest sampled peer) and the peers' own speculation counters."""
+    sampled methods against the strongest sampled peer) and the peers' own speculation counters; ``ms_per_step``,
+    the cost of one target forward (a verification step, or a token of plain decoding), and with peers its ratio
+    to the first (plain-decoding) peer's (``step_vs_plain_peer``)."""
     out = {}
+    plain = {"hf", *peers[:1]}  # methods that decode plainly
     sets = sorted({r["set"] for r in records})
     for s in sets:
         rows = [r for r in records if r["set"] == s and not r["warmup"]]
@@ -228,6 +231,10 @@ def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
                              histogram=dict(sorted(hist.items())),
                              draft_share=sum(r["draft_seconds"] for r in recs) / sum(r["seconds"] for r in recs),
                              verify_share=sum(r["verify_seconds"] for r in recs) / sum(r["seconds"] for r in recs))
+                if steps:
+                    entry["ms_per_step"] = 1e3 * sum(r["seconds"] for r in recs) / steps
+            elif m.removesuffix("-sample") in plain:  # plain decoding (HF, the first peer): one forward a token
+                entry["ms_per_step"] = 1e3 * sum(r["seconds"] for r in recs) / sum(r["new_tokens"] for r in recs)
             out[s][m] = entry
         if "hf-prompt-lookup" in methods:
             for m in methods:
@@ -239,6 +246,8 @@ def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
             names = [m for m in methods if m.endswith("-sample") == sampled]
             engines = [f"{p}-sample" if sampled else p for p in peers]
             _peer_summary(out[s], by_prompt, names, [p for p in engines if p in out[s]])
+            if peers:
+                _step_cost(out[s], names, f"{peers[0]}-sample" if sampled else peers[0])
     out["peak_rss_mb"] = max(r["rss_mb"] for r in records)
     return out
 
@@ -261,6 +270,39 @@ def _peer_summary(entries: dict, by_prompt: dict, methods: list[str], peers: lis
         if ratios:
             entries[m]["vs_peer"] = {"peer": best, "median": statistics.median(ratios), "min": min(ratios),
                                      "max": max(ratios)}
+
+
+def _step_cost(entries: dict, methods: list[str], plain: str) -> None:
+    """Each method's cost of one target forward (a verification step; a token for plain decoding) against the
+    plain-decoding peer's cost of one token: how much dearer a step is than the peer's own decoding step."""
+    base = entries.get(plain, {}).get("ms_per_step")
+    if not base:
+        return
+    for m in methods:
+        if m != plain and entries.get(m, {}).get("ms_per_step"):
+            entries[m]["step_vs_plain_peer"] = {"peer": plain, "ratio": entries[m]["ms_per_step"] / base}
+
+
+def step_cost_markdown(summary: dict, methods: list[str]) -> str:
+    """The step-cost table: ms per target forward of every method that has one, and its ratio to the plain-decoding
+    peer's ms per token (budget-1 rows: plain decoding through the verify graph). Empty without a peer."""
+    rows = []
+    for s, entries in summary.items():
+        if not isinstance(entries, dict) or s == "peak_rss_mb":
+            continue
+        for m in methods:
+            e = entries.get(m, {})
+            ratio = e.get("step_vs_plain_peer")
+            if ratio or any(x.get("step_vs_plain_peer", {}).get("peer") == m for x in entries.values()):
+                tau = f"{e['tau']:.2f}" if "tau" in e else "1 (plain)"
+                vs = f"{ratio['ratio']:.2f}× {ratio['peer']}" if ratio else "(reference)"
+                rows.append(f"| {s} | {m} | {e['ms_per_step']:.1f} | {tau} | {vs} |")
+    if not rows:
+        return ""
+    title = ("Cost of one target forward (ms; a verification step, or a token of plain decoding; whole generate "
+             "time, prefill included) against the plain-decoding peer's:")
+    return "\n".join([title, "",
+                      "| prompt set | method | ms/step | τ | vs peer's ms/token |", "|---|---|---|---|---|", *rows])
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -524,6 +566,7 @@ def run_bench_cli(args) -> None:
                            for name, p in peers.items()}
         table = markdown(result["summary"], result["methods"])
         if peers:
+            table += "\n\n" + step_cost_markdown(result["summary"], result["methods"])
             table += "\n\n" + identity_report(result["records"], result["methods"])
         _write(out, result, table)  # the batch-1 table is kept even if the batches are interrupted
         print(table, flush=True)

@@ -15,7 +15,7 @@ import torch
 
 import jetspec_compile as js
 from jetspec_compile.bench import (batch_markdown, identity_report, markdown, run_batches, run_interleaved,
-                                   start_peers, summarize)
+                                   start_peers, step_cost_markdown, summarize)
 from jetspec_compile.drafter import NGramDrafter
 from jetspec_compile.peers import PeerConfig, PeerResult, PeerUnavailable, VLLMPeer, find_peer_python
 
@@ -172,6 +172,17 @@ def test_bench_peer_columns_identity_and_batches():
     assert entries["jetspec-b4"]["vs_peer"]["min"] == min(ratios)
     table = markdown(summary, methods)
     assert "vs strongest peer" in table and "(strongest)" in table and "2.50†" in table
+    timed = [by[m, i] for m in methods for i in (1, 2)]
+    ours = [r for r in timed if r["method"] == "jetspec-b4"]
+    ms_step = 1e3 * sum(r["seconds"] for r in ours) / sum(sum(r["histogram"].values()) for r in ours)
+    vllm_token = 1e3 * sum(r["seconds"] for r in timed if r["method"] == "vllm") / (2 * 8)
+    assert entries["jetspec-b4"]["ms_per_step"] == pytest.approx(ms_step)
+    assert entries["vllm"]["ms_per_step"] == pytest.approx(vllm_token)
+    assert entries["jetspec-b4"]["step_vs_plain_peer"] == {"peer": "vllm", "ratio": pytest.approx(ms_step / vllm_token)}
+    assert "ms_per_step" not in entries["vllm-ngram"]  # speculation: its steps are not counted, so no step cost
+    cost = step_cost_markdown(summary, methods)
+    assert f"| s | jetspec-b4 | {ms_step:.1f} |" in cost and "| s | vllm |" in cost and "(reference)" in cost
+    assert step_cost_markdown(summarize(records, methods), methods) == ""  # no peer, no table
     report = identity_report(records, methods)
     assert "vllm: 2/2 identical" in report and "vllm-ngram: 0/2 identical; differ: s #1 at new token 3" in report
 
