@@ -21,6 +21,8 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..config import BACKENDS as BACKEND_NAMES
 from ..config import JetSpecConfig
 from ..kernels.cpu_linear import kernel_setting
@@ -74,6 +76,12 @@ class Backend:
         return drafter  # the drafter's step stays in PyTorch
 
 
+def _on_cpu(drafter) -> bool:
+    network = getattr(drafter, "model", None)
+    params = list(network.parameters()) if isinstance(network, torch.nn.Module) else []
+    return bool(params) and params[0].device.type == "cpu"
+
+
 def lower_eager(step, prepack: bool = True, cpu_linear: str | None = None):
     """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention) and,
     with ``prepack``, fp32 CPU linears run from packed weights (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
@@ -94,6 +102,12 @@ class InductorBackend(Backend):
 
     def lower_verify(self, step, options):
         return lower_inductor(step, cpu_linear=options.cpu_linear)
+
+    def lower_drafter(self, drafter, options):
+        # on CPU the drafter's step runs an AOTInductor package (compiled once per drafter and cached, like the
+        # ``aoti`` backend's): a torch.compile'd step with its dynamic context length would run unpacked linears,
+        # slower than eager (docs/profile.md); on CUDA it stays in PyTorch
+        return lower_drafter_aoti(drafter, artifact_dir=options.artifact_dir) if _on_cpu(drafter) else drafter
 
 
 class AotiBackend(Backend):

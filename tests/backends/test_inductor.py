@@ -100,3 +100,33 @@ def test_inductor_with_the_tree_attention_op_is_lossless():
         assert torch.equal(spec.generate(ids, max_new_tokens=30), expected)
     assert "jetspec.tree_attention" in v.step.graph_module.code and "tree_attention_mask" not in v.step.graph_module.code
     assert JETSPEC["inductor"]["tree_attention_ops"] == model.config.num_hidden_layers
+
+
+def test_inductor_runs_the_drafter_step_from_a_compiled_package(tmp_path):
+    """On CPU the inductor backend compiles the drafter's step ahead of time (both drafter shapes): same output as
+    HF, and the package is cached for the next start."""
+    from jetspec_compile.backends import aoti
+    from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
+
+    model = make_model("llama")
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    for shape in ({"style": "jetspec"}, {"style": "dflash", "mask_token_id": VOCAB - 1}):
+        cfg = DrafterConfig.for_target(model.config, (0, 1), num_layers=1, block_size=4, **shape)
+        drafter = JetSpecDrafter(ParallelDrafter(cfg, model.get_input_embeddings(), model.get_output_embeddings()))
+        eager = js.optimize(model, drafter=drafter, budget=6, max_cache_len=96, fallback=False, self_check=False)
+        assert torch.equal(eager.generate(ids, max_new_tokens=24), expected)
+        JETSPEC["aoti"].clear()
+        spec = js.optimize(model, backend="inductor", artifact_dir=str(tmp_path), drafter=drafter, budget=6,
+                           max_cache_len=96, fallback=False, self_check=False)
+        assert isinstance(spec.runtime_drafter().step_fn, aoti.AotiDraftStep)
+        assert torch.equal(spec.generate(ids, max_new_tokens=24), expected)
+        _, hidden = spec.verifier(1).prefill(ids)  # the package drafts the trees the eager step drafts
+        trees = []
+        for runtime in (eager.runtime_drafter(), spec.runtime_drafter()):
+            runtime.begin([ids[0].tolist()], [hidden[0]])
+            trees.append([(t.tokens, t.tree) for t in runtime.draft([int(expected[0, 10])], 6)])
+        assert trees[0] == trees[1] and len(trees[0][0][0]) == 6
+        assert JETSPEC["aoti"] == {"compiled": 1, "loaded": 1}
+    assert len(list(tmp_path.glob("draft_*.pt2"))) == 2

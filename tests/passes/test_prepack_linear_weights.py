@@ -153,6 +153,29 @@ def test_auto_takes_the_faster_kernel_per_shape(monkeypatch):
     assert stats["onednn_linears"] == 1 and stats["mkl_linears"] == 3 * 7
 
 
+def test_auto_times_weights_read_from_memory(monkeypatch):
+    """The timing cycles through distinct weights worth more than the cache (a forward streams every layer's
+    weight once), at most ``MAX_COPIES`` of them."""
+    if not available_kernels():
+        pytest.skip("no packed kernels in this build")
+    seen = {}
+    real = module.run_packed
+
+    def spy(kernel, x, packed, weight, bias, rows):
+        seen.setdefault(kernel, set()).add(weight.data_ptr())
+        return real(kernel, x, packed, weight, bias, rows)
+
+    monkeypatch.setattr(module, "TIMINGS", {})
+    monkeypatch.setattr(module, "run_packed", spy)
+    monkeypatch.setattr(module, "STREAM_BYTES", 4 * 64 * 32 * 5)  # five 64 x 32 fp32 weights' worth
+    module._time_kernels(64, 32, 1, reps=1)
+    assert set(seen) == set(available_kernels()) and all(len(ptrs) == 5 for ptrs in seen.values())
+    seen.clear()
+    monkeypatch.setattr(module, "MAX_COPIES", 3)
+    module._time_kernels(32, 32, 1, reps=1)
+    assert all(len(ptrs) == 3 for ptrs in seen.values())
+
+
 def test_a_bad_kernel_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("JETSPEC_CPU_LINEAR", "blas")
     with pytest.raises(ValueError, match="JETSPEC_CPU_LINEAR.*'auto', 'mkl', 'onednn'.*'blas'"):
