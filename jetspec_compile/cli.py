@@ -48,7 +48,9 @@ def cmd_train(args) -> None:
                         sample_temperature=args.temperature, layers=args.layers, block_size=args.block_size,
                         tap_layers=tuple(args.tap_layers) if args.tap_layers else None, train=train,
                         feature_cache=args.feature_cache, use_feature_cache=not args.no_feature_cache,
-                        draft_vocab=args.draft_vocab, init_from=args.init_from, resume=not args.restart,
+                        draft_vocab=args.draft_vocab, resume=not args.restart,
+                        init_from=str(drafter_folder(args.init_from)) if args.init_from else None,
+                        keep_vocab=not args.new_vocab, merge_corpus=not args.replace_corpus,
                         style=args.style, causal=not args.bidirectional, mask_token_id=args.mask_token_id)
     except ValueError as err:
         raise SystemExit(f"train-drafter: {err}") from err
@@ -210,8 +212,13 @@ def main(argv=None) -> None:
     tr.add_argument("--loss", choices=["ce", "kl"], default=RECIPE.train.loss)
     tr.add_argument("--reveal-prob", type=float, default=RECIPE.train.reveal_prob,
                     help="share of blocks trained with their first 1-2 path tokens given (path-conditioned trees)")
-    tr.add_argument("--init-from", help="continue from this drafter checkpoint folder on new data (same config; "
-                    "with a larger --layers its layers are kept and new ones appended, starting as identities)")
+    tr.add_argument("--init-from", help="fine-tune this drafter checkpoint folder ('smollm2': the shipped one) on "
+                    "the new data: its shape, draft vocabulary and corpus are kept, the new responses added to the "
+                    "corpus; with a larger --layers its layers are kept and new ones appended, starting as identities")
+    tr.add_argument("--new-vocab", action="store_true", help="with --init-from: compute a new draft vocabulary "
+                    "(--draft-vocab) from this data instead of keeping the checkpoint's")
+    tr.add_argument("--replace-corpus", action="store_true", help="with --init-from: save the new responses only as "
+                    "the corpus instead of adding them to the checkpoint's")
     tr.add_argument("--feature-cache", help="folder of cached target features (default: <cache>/features); a rerun "
                     "on the same data skips the target forwards")
     tr.add_argument("--no-feature-cache", action="store_true", help="recompute features, write no cache")

@@ -74,6 +74,29 @@ class CorpusIndex:
     def __len__(self) -> int:
         return len(self._starts)  # one entry per corpus token
 
+    def options(self) -> dict:
+        """The lookup settings this index was built with (the keyword arguments of the constructor)."""
+        return dict(max_ngram=self.max_ngram, min_ngram=self.min_ngram, max_matches=self.max_matches,
+                    smoothing=self.smoothing)
+
+    def sequences(self) -> list[np.ndarray]:
+        """The indexed token sequences, in the order they were given."""
+        cuts = np.flatnonzero(self.tokens < 0)
+        return [s[:-1].astype(np.int64) for s in np.split(self.tokens, cuts + 1) if s.size]
+
+    def merged(self, sequences: Sequence[Sequence[int]]) -> "CorpusIndex":
+        """A new index of this one's sequences followed by those of ``sequences`` not already in it (same
+        settings): how a fine-tuned drafter keeps its corpus and adds its new data's responses."""
+        mine = self.sequences()
+        seen = {tuple(s.tolist()) for s in mine}
+        new = []
+        for seq in sequences:
+            key = tuple(int(t) for t in seq)
+            if key and key not in seen:
+                seen.add(key)
+                new.append(key)
+        return CorpusIndex(mine + [list(k) for k in new], **self.options())
+
     def _bound(self, query: tuple[int, ...], upper: bool) -> int:
         n, lo, hi = len(query), 0, len(self._starts)
         while lo < hi:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..drafter import CorpusIndex, ParallelDrafter, save_drafter
+from ..drafter import CorpusIndex, ParallelDrafter, load_corpus, load_drafter, save_drafter
 from ..drafter.model import DrafterConfig
 from ..drafter.vocab import frequent_tokens
 from ..passes import default_tap_layers
@@ -19,7 +19,7 @@ from ..prompts import load_jsonl, load_prompts
 from .data import read_sequences, regenerate
 from .train import TrainConfig, compute_features, evaluate, train_drafter
 
-__all__ = ["Recipe", "train_from_prompts", "draft_vocab_of"]
+__all__ = ["Recipe", "train_from_prompts", "draft_vocab_of", "continued_shape"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,13 @@ class Recipe:
         train: the optimisation (:class:`~jetspec_compile.training.train.TrainConfig`).
         feature_cache: folder of cached target features (None: ``<cache>/features``); ``use_feature_cache``.
         draft_vocab: draft over the N most frequent response tokens (0: the whole vocabulary).
-        init_from: continue from (and with more ``layers``, grow) this drafter checkpoint.
+        init_from: continue from (and with more ``layers``, grow) this drafter checkpoint. The drafter keeps the
+            checkpoint's shape (taps, block, style, mask token; a recipe asking for another is refused) and
+            trains on the new data only.
+        keep_vocab: with ``init_from``, draft over the checkpoint's draft vocabulary (``draft_vocab`` is then
+            unused); False computes a new one from this data.
+        merge_corpus: with ``init_from``, the saved corpus is the checkpoint's plus the new responses not already
+            in it; False keeps the new responses only.
         resume: continue a training state found in the output folder.
         style, causal, mask_token_id: the drafter shape (:class:`~jetspec_compile.drafter.model.DrafterConfig`);
             ``"dflash"`` (the default, and the shipped drafter's) is the one serving engines run
@@ -61,6 +67,8 @@ class Recipe:
     use_feature_cache: bool = True
     draft_vocab: int = 4096
     init_from: str | None = None
+    keep_vocab: bool = True
+    merge_corpus: bool = True
     resume: bool = True
     style: str = "dflash"
     causal: bool = True
@@ -86,6 +94,28 @@ def draft_vocab_of(records: list[dict], size: int, tokenizer=None) -> list[int]:
     return frequent_tokens(records, size, always=eos)
 
 
+def continued_shape(start: DrafterConfig, recipe: Recipe) -> DrafterConfig:
+    """The shape of a drafter that continues one of shape ``start`` (``recipe.init_from``): the same taps, block,
+    style and mask token, with ``max(recipe.layers, start.num_layers)`` layers (more grows it). A recipe that names
+    another shape is refused: weights trained for one shape do not carry over to another."""
+    asked = {"block_size": (recipe.block_size, start.block_size), "style": (recipe.style, start.style)}
+    if recipe.tap_layers:
+        asked["tap_layers"] = (tuple(recipe.tap_layers), tuple(start.tap_layers))
+    if start.style == "dflash":
+        asked["causal"] = (recipe.causal, start.causal)
+        if recipe.mask_token_id is not None:
+            asked["mask_token_id"] = (recipe.mask_token_id, start.mask_token_id)
+    differ = {name: pair for name, pair in asked.items() if pair[0] != pair[1]}
+    if differ:
+        raise ValueError(
+            f"init_from {recipe.init_from} is a drafter with "
+            + ", ".join(f"{name}={theirs!r}" for name, (_, theirs) in differ.items()) + "; this recipe asks for "
+            + ", ".join(f"{name}={mine!r}" for name, (mine, _) in differ.items())
+            + ": continue with the checkpoint's shape (--style/--block-size/--tap-layers/--bidirectional/"
+              "--mask-token-id as it has them) or train from scratch without --init-from")
+    return dataclasses.replace(start, num_layers=max(recipe.layers, start.num_layers), draft_vocab_size=0)
+
+
 def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, data_path: str | Path,
                        progress: bool = True) -> tuple[ParallelDrafter, CorpusIndex]:
     """Run ``recipe`` on ``model``: regenerate responses into ``data_path`` (resumable), compute features, train,
@@ -97,6 +127,9 @@ def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, dat
         prompts += [(name, p) for p in items]
     if not prompts:
         raise ValueError(f"the prompt sets {list(recipe.prompts)} gave no training prompts")
+    start = load_drafter(recipe.init_from, model) if recipe.init_from else None
+    if start is not None:  # refused before any regeneration
+        dcfg = continued_shape(start.cfg, recipe)
     regenerate(model, tokenizer, prompts, data_path, max_new_tokens=recipe.response_tokens,
                batch_size=recipe.gen_batch)
     if recipe.samples:
@@ -105,23 +138,37 @@ def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, dat
                    batch_size=recipe.gen_batch, samples=recipe.samples, temperature=recipe.sample_temperature,
                    seed=recipe.train.seed)
     records = read_sequences(data_path)
-    taps = recipe.tap_layers or default_tap_layers(model.config.num_hidden_layers)
+    if start is not None:
+        taps = dcfg.tap_layers
+    else:
+        taps = recipe.tap_layers or default_tap_layers(model.config.num_hidden_layers)
     features_dir = Path(recipe.feature_cache or cache_dir() / "features") if recipe.use_feature_cache else None
     feats = compute_features(model, records, taps, cache_dir=features_dir, progress=progress)
     n_eval = max(1, len(feats) // 20)
-    shape = {}
-    if recipe.style == "dflash":
-        from ..drafter.dflash_format import unused_token
-        mask = recipe.mask_token_id if recipe.mask_token_id is not None else unused_token(records, model.config.vocab_size)
-        shape = dict(style="dflash", causal=recipe.causal, mask_token_id=mask)
-    dcfg = DrafterConfig.for_target(model.config, taps, num_layers=recipe.layers, block_size=recipe.block_size,
-                                    **shape)
-    vocab = draft_vocab_of(records, recipe.draft_vocab, tokenizer) if recipe.draft_vocab else None
+    if start is None:
+        shape = {}
+        if recipe.style == "dflash":
+            from ..drafter.dflash_format import unused_token
+            mask = (recipe.mask_token_id if recipe.mask_token_id is not None
+                    else unused_token(records, model.config.vocab_size))
+            shape = dict(style="dflash", causal=recipe.causal, mask_token_id=mask)
+        dcfg = DrafterConfig.for_target(model.config, taps, num_layers=recipe.layers, block_size=recipe.block_size,
+                                        **shape)
+    if start is not None and recipe.keep_vocab:
+        vocab = None if start.draft_vocab is None else start.draft_vocab.tolist()
+    else:
+        vocab = draft_vocab_of(records, recipe.draft_vocab, tokenizer) if recipe.draft_vocab else None
     drafter = train_drafter(model, feats[n_eval:], dcfg, recipe.train, out, resume=recipe.resume,
                             eval_features=feats[:n_eval], init_checkpoint=recipe.init_from, draft_vocab=vocab,
                             progress=progress)
     if progress:
         print(f"held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
     corpus = CorpusIndex.from_records(records)
+    earlier = load_corpus(recipe.init_from, model) if start is not None and recipe.merge_corpus else None
+    if earlier is not None:
+        corpus = earlier.merged(corpus.sequences())
+        if progress:
+            print(f"corpus: {len(earlier.sequences())} sequences of {recipe.init_from} plus the new responses "
+                  f"-> {len(corpus.sequences())}")
     save_drafter(drafter, out / "drafter", corpus=corpus)
     return drafter, corpus
