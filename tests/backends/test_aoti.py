@@ -1,13 +1,23 @@
 """AOTInductor packages: lossless, saved once and reloaded without compiling, never reused for another model."""
 
+import re
+import zipfile
+
 import pytest
 import torch
 
 import jetspec_compile as js
-from jetspec_compile.backends import aoti
+from jetspec_compile.backends import aoti, inductor
 from jetspec_compile.counters import counters
 from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
 from tests.families import VOCAB, make_model
+
+
+def packaged_linears(package) -> int:
+    """oneDNN linear calls in an AOTInductor package's generated C++ wrapper."""
+    with zipfile.ZipFile(package) as z:
+        source = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    return len(re.findall(r"aoti_torch_cpu__linear_pointwise\w*\(", source))
 
 
 def test_aoti_packages_are_lossless_and_reload_without_compiling(tmp_path, monkeypatch):
@@ -28,6 +38,10 @@ def test_aoti_packages_are_lossless_and_reload_without_compiling(tmp_path, monke
     assert counters["aoti"] == {"compiled": 2, "loaded": 2}
     packages = sorted(p.name for p in tmp_path.iterdir())
     assert [p.split("_")[0] for p in packages] == ["draft", "draft", "verify", "verify"]
+    # frozen weights packed for oneDNN, q/k/v and gate/up as one GEMM each (CONCAT_LINEARS): 4 per layer + head
+    verify = next(tmp_path.glob("verify_*.pt2"))
+    per_layer = 4 if inductor.CONCAT_LINEARS else 7
+    assert packaged_linears(verify) == per_layer * model.config.num_hidden_layers + 1
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("a saved package was compiled again")
