@@ -175,7 +175,8 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                     st = specs[engine].last_stats
                     rec.update(tau=st["tau"], histogram=st["acceptance_histogram"], trace=st.get("trace"),
                                budgets_used=st.get("budgets_used"),
-                               draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"])
+                               draft_seconds=st["draft_seconds"], verify_seconds=st["verify_seconds"],
+                               prefill_seconds=st["prefill_seconds"])
                 records.append(rec)
                 bar.update(1)
     bar.close()
@@ -200,7 +201,8 @@ def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
     sampling), τ; with ``peers`` also each method's ratio to the strongest peer of that set (highest median tok/s;
     sampled methods against the strongest sampled peer) and the peers' own speculation counters; ``ms_per_step``,
     the cost of one target forward (a verification step, or a token of plain decoding), and with peers its ratio
-    to the first (plain-decoding) peer's (``step_vs_plain_peer``)."""
+    to the first (plain-decoding) peer's (``step_vs_plain_peer``); for speculative methods also ``prefill_ms``
+    (per prompt) and ``ms_per_decode_step`` (a step without the prompt's prefill)."""
     out = {}
     plain = {"hf", *peers[:1]}  # methods that decode plainly
     sets = sorted({r["set"] for r in records})
@@ -233,6 +235,9 @@ def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
                              verify_share=sum(r["verify_seconds"] for r in recs) / sum(r["seconds"] for r in recs))
                 if steps:
                     entry["ms_per_step"] = 1e3 * sum(r["seconds"] for r in recs) / steps
+                    prefill = sum(r.get("prefill_seconds", 0.0) for r in recs)
+                    entry["prefill_ms"] = 1e3 * prefill / len(recs)  # per prompt
+                    entry["ms_per_decode_step"] = 1e3 * (sum(r["seconds"] for r in recs) - prefill) / steps
             elif m.removesuffix("-sample") in plain:  # plain decoding (HF, the first peer): one forward a token
                 entry["ms_per_step"] = 1e3 * sum(r["seconds"] for r in recs) / sum(r["new_tokens"] for r in recs)
             out[s][m] = entry
@@ -296,13 +301,16 @@ def step_cost_markdown(summary: dict, methods: list[str]) -> str:
             if ratio or any(x.get("step_vs_plain_peer", {}).get("peer") == m for x in entries.values()):
                 tau = f"{e['tau']:.2f}" if "tau" in e else "1 (plain)"
                 vs = f"{ratio['ratio']:.2f}× {ratio['peer']}" if ratio else "(reference)"
-                rows.append(f"| {s} | {m} | {e['ms_per_step']:.1f} | {tau} | {vs} |")
+                decode = (f"{e['ms_per_decode_step']:.1f} (prefill {e['prefill_ms']:.0f} ms a prompt)"
+                          if "ms_per_decode_step" in e else "")
+                rows.append(f"| {s} | {m} | {e['ms_per_step']:.1f} | {decode} | {tau} | {vs} |")
     if not rows:
         return ""
     title = ("Cost of one target forward (ms; a verification step, or a token of plain decoding; whole generate "
-             "time, prefill included) against the plain-decoding peer's:")
-    return "\n".join([title, "",
-                      "| prompt set | method | ms/step | τ | vs peer's ms/token |", "|---|---|---|---|---|", *rows])
+             "time, prefill included) against the plain-decoding peer's; our steps also without the prompt's "
+             "prefill (the peer's cannot be split):")
+    head = "| prompt set | method | ms/step | ms/step, prefill excluded | τ | vs peer's ms/token |"
+    return "\n".join([title, "", head, "|---|---|---|---|---|---|", *rows])
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

@@ -180,8 +180,14 @@ def test_bench_peer_columns_identity_and_batches():
     assert entries["vllm"]["ms_per_step"] == pytest.approx(vllm_token)
     assert entries["jetspec-b4"]["step_vs_plain_peer"] == {"peer": "vllm", "ratio": pytest.approx(ms_step / vllm_token)}
     assert "ms_per_step" not in entries["vllm-ngram"]  # speculation: its steps are not counted, so no step cost
+    prefill = sum(r["prefill_seconds"] for r in ours)
+    assert 0 < prefill < sum(r["seconds"] for r in ours)
+    decode_step = 1e3 * (sum(r["seconds"] for r in ours) - prefill) / sum(sum(r["histogram"].values()) for r in ours)
+    assert entries["jetspec-b4"]["ms_per_decode_step"] == pytest.approx(decode_step)
+    assert entries["jetspec-b4"]["prefill_ms"] == pytest.approx(1e3 * prefill / 2)
     cost = step_cost_markdown(summary, methods)
-    assert f"| s | jetspec-b4 | {ms_step:.1f} |" in cost and "| s | vllm |" in cost and "(reference)" in cost
+    assert f"| s | jetspec-b4 | {ms_step:.1f} | {decode_step:.1f} (prefill" in cost
+    assert "| s | vllm |" in cost and "(reference)" in cost
     assert step_cost_markdown(summarize(records, methods), methods) == ""  # no peer, no table
     report = identity_report(records, methods)
     assert "vllm: 2/2 identical" in report and "vllm-ngram: 0/2 identical; differ: s #1 at new token 3" in report
