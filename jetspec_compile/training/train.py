@@ -260,6 +260,8 @@ def _example_loss(drafter: ParallelDrafter, ids, hidden, prompt_len, cfg: TrainC
         labels = _vocab_index(drafter)[labels]
         valid = valid & (labels >= 0)
         labels = labels.clamp(min=0)
+    if not bool(valid.any()):  # e.g. a response in another script, all outside the draft vocabulary: 0/0 = NaN
+        return None, 0
     weights = torch.exp(-(torch.arange(d, dtype=torch.float32)) / cfg.gamma)[None].expand(m, -1)
     if cfg.loss == "ce":
         per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
@@ -355,7 +357,7 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
     drafter.train()
     bar = tqdm(total=total, initial=step, desc="training drafter", unit="step", disable=not progress)
     order: list[int] = []
-    started, tokens_seen = time.perf_counter(), 0
+    started, tokens_seen, skipped = time.perf_counter(), 0, 0
     while step < total:
         epoch, within = divmod(step, steps_per_epoch)
         if within == 0 or not order:
@@ -374,8 +376,12 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
             (loss / len(batch)).backward()
             losses.append(loss.item())
             tokens_seen += n
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+        if losses and torch.isfinite(norm):
+            opt.step()
+        elif losses:  # one bad step must not turn every weight into NaN
+            skipped += 1
+            logger.warning("step %d: non-finite gradient (loss %s), update skipped", step, losses)
         step += 1
         elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.3f}", tok_s=f"{tokens_seen / elapsed:.0f}",
@@ -386,6 +392,8 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
             if eval_features is not None:
                 bar.write(f"step {step}: held-out depth accuracy {evaluate(drafter, eval_features)}")
     bar.close()
+    if skipped:
+        logger.warning("%d of %d steps had a non-finite gradient and were skipped", skipped, total)
     drafter.eval()
     return drafter
 

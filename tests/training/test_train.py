@@ -206,3 +206,15 @@ def test_training_over_a_draft_vocabulary(setup, tmp_path):
     assert logits.shape[-1] == len(vocab)
     with pytest.raises(ValueError, match="other settings"):
         train_drafter(target, feats[4:], cfg, small(), tmp_path / "v", progress=False, draft_vocab=vocab[:-1])
+
+
+def test_a_sequence_with_no_label_in_the_draft_vocabulary_is_skipped_not_nan(setup, tmp_path):
+    """A response made entirely of tokens outside the draft vocabulary (e.g. in another script) gives no loss
+    term: it must not divide zero by zero and turn every weight into NaN."""
+    target, feats, cfg = setup
+    outside = set(feats[0][0][feats[0][2]:].tolist())  # every response token of sequence 0
+    vocab = [t for t in range(VOCAB) if t not in outside]
+    assert any(set(f[0][f[2]:].tolist()) - outside for f in feats[1:]), "the others must keep some labels"
+    trained = train_drafter(target, [feats[0]] * 4 + feats[1:8], cfg, small(epochs=2), tmp_path / "oov",
+                            progress=False, draft_vocab=vocab)
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
