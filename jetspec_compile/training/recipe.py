@@ -7,6 +7,7 @@ defaults from here, so the command and the library train the same drafter); :fun
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..prompts import load_jsonl, load_prompts
 from .data import read_sequences, regenerate
 from .train import TrainConfig, compute_features, evaluate, train_drafter
 
-__all__ = ["Recipe", "train_from_prompts", "draft_vocab_of", "continued_shape"]
+__all__ = ["Recipe", "train_from_prompts", "draft_vocab_of", "continued_shape", "held_out_split"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,14 @@ def draft_vocab_of(records: list[dict], size: int, tokenizer=None) -> list[int]:
     return frequent_tokens(records, size, always=eos)
 
 
+def held_out_split(items: list, seed: int, share: int = 20) -> tuple[list, list]:
+    """``(train, held_out)``: a seeded draw of one in ``share`` items (at least one) is held out, the rest trains.
+    A draw, not the head of the list: the data file is ordered by set and prompt length, so its head is one set."""
+    order = random.Random(seed).sample(range(len(items)), len(items))
+    n = max(1, len(items) // share)
+    return [items[i] for i in sorted(order[n:])], [items[i] for i in sorted(order[:n])]
+
+
 def continued_shape(start: DrafterConfig, recipe: Recipe) -> DrafterConfig:
     """The shape of a drafter that continues one of shape ``start`` (``recipe.init_from``): the same taps, block,
     style and mask token, with ``max(recipe.layers, start.num_layers)`` layers (more grows it). A recipe that names
@@ -144,7 +153,7 @@ def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, dat
         taps = recipe.tap_layers or default_tap_layers(model.config.num_hidden_layers)
     features_dir = Path(recipe.feature_cache or cache_dir() / "features") if recipe.use_feature_cache else None
     feats = compute_features(model, records, taps, cache_dir=features_dir, progress=progress)
-    n_eval = max(1, len(feats) // 20)
+    train_feats, held_out = held_out_split(feats, recipe.train.seed)
     if start is None:
         shape = {}
         if recipe.style == "dflash":
@@ -158,11 +167,11 @@ def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, dat
         vocab = None if start.draft_vocab is None else start.draft_vocab.tolist()
     else:
         vocab = draft_vocab_of(records, recipe.draft_vocab, tokenizer) if recipe.draft_vocab else None
-    drafter = train_drafter(model, feats[n_eval:], dcfg, recipe.train, out, resume=recipe.resume,
-                            eval_features=feats[:n_eval], init_checkpoint=recipe.init_from, draft_vocab=vocab,
+    drafter = train_drafter(model, train_feats, dcfg, recipe.train, out, resume=recipe.resume,
+                            eval_features=held_out, init_checkpoint=recipe.init_from, draft_vocab=vocab,
                             progress=progress)
     if progress:
-        print(f"held-out accuracy per depth: {evaluate(drafter, feats[:n_eval])}")
+        print(f"held-out accuracy per depth: {evaluate(drafter, held_out)}")
     corpus = CorpusIndex.from_records(records)
     earlier = load_corpus(recipe.init_from, model) if start is not None and recipe.merge_corpus else None
     if earlier is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jetspec_compile.drafter import load_corpus, load_drafter
-from jetspec_compile.training.recipe import Recipe, train_from_prompts
+from jetspec_compile.training.recipe import Recipe, held_out_split, train_from_prompts
 from jetspec_compile.training.train import TrainConfig
 from tests.families import VOCAB, make_model
 from tests.training.test_data import CharTokenizer
@@ -76,3 +76,12 @@ def test_fine_tuning_refuses_another_shape(first, change, named):
                            progress=False)
     assert named in str(err.value)
     assert not (root / "bad").exists() and not (root / "bad_data.jsonl").exists(), "refused before any work"
+
+
+def test_held_out_sequences_are_a_seeded_draw_not_the_head_of_the_data():
+    items = list(range(100))  # the data file's order: one set first, as regeneration writes it
+    train, held = held_out_split(items, seed=0)
+    assert len(held) == 5 and sorted(train + held) == items and not set(train) & set(held)
+    assert held != items[:5], "the head of the file is one prompt set; the held-out share must span all"
+    assert held_out_split(items, seed=0) == (train, held) and held_out_split(items, seed=1)[1] != held
+    assert held_out_split([7, 8], seed=0)[1] in ([7], [8])
