@@ -33,6 +33,11 @@ CORPUS_FILE = "corpus.safetensors"
 DEFAULT_MAX_NGRAM = 6  # the longest context suffix matched
 
 
+def _split(tokens: np.ndarray) -> list[np.ndarray]:
+    """The sequences of a flat token array in which ``-1`` ends each one (empty ones dropped)."""
+    return [s[s >= 0] for s in np.split(tokens, np.flatnonzero(tokens < 0) + 1) if (s >= 0).any()]
+
+
 class CorpusIndex:
     """Suffix lookup over token sequences.
 
@@ -81,8 +86,7 @@ class CorpusIndex:
 
     def sequences(self) -> list[np.ndarray]:
         """The indexed token sequences, in the order they were given."""
-        cuts = np.flatnonzero(self.tokens < 0)
-        return [s[:-1].astype(np.int64) for s in np.split(self.tokens, cuts + 1) if s.size]
+        return [s.astype(np.int64) for s in _split(self.tokens)]
 
     def merged(self, sequences: Sequence[Sequence[int]]) -> "CorpusIndex":
         """A new index of this one's sequences followed by those of ``sequences`` not already in it (same
@@ -162,9 +166,7 @@ class CorpusIndex:
         if tokens.ndim != 1 or (vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size):
             raise ValueError(f"{path} holds token ids outside the target's vocabulary of {vocab_size}: it was "
                              "built for another model; rebuild it from this target's data")
-        cuts = np.flatnonzero(tokens < 0)
-        sequences = [s for s in np.split(tokens, cuts + 1) if s.size]
-        return cls([s[s >= 0] for s in sequences], **options)
+        return cls(_split(tokens), **options)
 
     @classmethod
     def from_records(cls, records: Sequence[dict], prompt_tail: int | None = None, **options) -> "CorpusIndex":

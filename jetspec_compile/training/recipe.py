@@ -147,10 +147,8 @@ def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, dat
                    batch_size=recipe.gen_batch, samples=recipe.samples, temperature=recipe.sample_temperature,
                    seed=recipe.train.seed)
     records = read_sequences(data_path)
-    if start is not None:
-        taps = dcfg.tap_layers
-    else:
-        taps = recipe.tap_layers or default_tap_layers(model.config.num_hidden_layers)
+    taps = dcfg.tap_layers if start is not None else (recipe.tap_layers
+                                                     or default_tap_layers(model.config.num_hidden_layers))
     features_dir = Path(recipe.feature_cache or cache_dir() / "features") if recipe.use_feature_cache else None
     feats = compute_features(model, records, taps, cache_dir=features_dir, progress=progress)
     train_feats, held_out = held_out_split(feats, recipe.train.seed)
