@@ -224,7 +224,7 @@ def main(argv=None) -> None:
     tr.add_argument("--no-feature-cache", action="store_true", help="recompute features, write no cache")
     tr.add_argument("--draft-vocab", type=int, default=RECIPE.draft_vocab,
                     help="train and draft over the N most frequent tokens of the target's responses (0: all; see "
-                         "draft-vocab)")
+                         "draft-vocab); with --init-from the checkpoint's vocabulary is kept unless --new-vocab")
     tr.add_argument("--style", choices=["jetspec", "dflash"], default=RECIPE.style,
                     help="drafter shape: 'dflash' (default; the shipped drafter's) is the one vLLM and SGLang serve "
                          "(export-vllm); 'jetspec': every block slot predicts the next position")
