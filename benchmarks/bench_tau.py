@@ -7,15 +7,21 @@ decoding. τ does not depend on timing, so this is reproducible on a busy machin
 ``--path-branches`` depth-1 tokens re-drafted conditioned on them: one more drafter forward). The drafter's
 time per step is printed next to τ, because path conditioning is not free.
 
+``--replay`` replays each drafter on the target's greedy references instead of running the loop
+(:mod:`jetspec_compile.runtime.replay`): the same τ from one target forward per prompt plus the drafter's steps,
+so many more prompts fit in the same time. The references (HF ``generate``, EOS ignored) are cached in
+``<cache>/tau_refs/``; ``identical`` then reads ``replay``, as no output is produced to compare.
+
     python benchmarks/bench_tau.py [--drafter smollm2 [OTHER ...]] [--sets humaneval gsm sharegpt]
                                    [--budgets 8 16 32 64] [--widths 4] [--limit 5] [--path-branches 3]
                                    [--draft-vocab 0 2048 4096] [--lookup-nodes auto 0] [--corpus on off]
-                                   [--json tau.json] [--plot tau.png]
+                                   [--replay] [--json tau.json] [--plot tau.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from jetspec_compile.drafter.vocab import frequent_tokens
 from jetspec_compile.models import load_smollm2
 from jetspec_compile.paths import cache_dir
 from jetspec_compile.prompts import encode_chat, load_prompts
+from jetspec_compile.runtime.replay import greedy_reference, reference_taps, replay_acceptance
 
 
 def main() -> None:
@@ -52,13 +59,18 @@ def main() -> None:
                          "other sizes are the most frequent tokens of --data")
     ap.add_argument("--data", help="self-distillation JSONL the vocabulary is counted in "
                                    "(default: <cache>/data/smollm2_selfdistill.jsonl)")
+    ap.add_argument("--replay", action="store_true",
+                    help="replay the drafters on cached greedy references instead of running the loop (faster; "
+                         "the same τ up to float rounding in the drafter's ranking)")
     ap.add_argument("--json")
     ap.add_argument("--plot", help="write a PNG of τ against the budget here (one line per set and configuration)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
     prompts = {s: [encode_chat(tok, p) for p in load_prompts(s, "test", args.limit)] for s in args.sets}
-    refs = {}
+    refs, taps = {}, {}  # taps: per (set, prompt, tap layers), shared by the replays of drafters with those taps
+    if args.replay:
+        refs = replay_references(model, prompts, args.max_new_tokens + max(args.budgets) - 1)
     configs = [("chain", b, 1, 0) for b in args.budgets if b <= 9]
     configs += [("tree", b, w, 0) for b in args.budgets for w in args.widths]
     if args.path_branches:
@@ -86,6 +98,17 @@ def main() -> None:
             draft_seconds = verify_seconds = 0.0
             identical = True
             for i, ids in enumerate(items):
+                if args.replay:
+                    verifier, key = spec.verifier(1), (s, i, spec.verifier(1).tap_layers)
+                    if key not in taps and drafter.needs_hidden:
+                        taps[key] = reference_taps(verifier, ids, refs[(s, i)])
+                    hist = replay_acceptance(verifier, spec.runtime_drafter(), ids, refs[(s, i)], budget=budget,
+                                             max_new_tokens=args.max_new_tokens, eos_token_ids=[tok.eos_token_id],
+                                             hidden=taps.get(key))
+                    steps += sum(hist.values())
+                    tokens += sum(k * v for k, v in hist.items())
+                    bar.update(1)
+                    continue
                 x = torch.tensor([ids])
                 if (s, i) not in refs:
                     refs[(s, i)] = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
@@ -101,7 +124,7 @@ def main() -> None:
             results.append({"drafter": folder, "set": s, "shape": shape, "budget": budget, "width": width,
                             "draft_vocab": vocab, "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
                             "draft_ms": 1e3 * draft_seconds / steps, "verify_ms": 1e3 * verify_seconds / steps,
-                            "identical": identical})
+                            "identical": "replay" if args.replay else identical})
     bar.close()
     named = len(args.drafter) > 1
     print(("drafter " if named else "") + f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} "
@@ -111,11 +134,35 @@ def main() -> None:
         print((f"{r['drafter']} " if named else "") + f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} "
               f"{r['width']:5d} {r['draft_vocab'] or 'all':>6} {lookup:>6} {r['corpus']:>6s} "
               f"{r['tau']:6.2f} {r['draft_ms']:8.1f} {r['verify_ms']:9.1f} {r['identical']}")
+    if args.replay:
+        print("(replay: τ from the greedy references, no loop run; draft and verify times are not measured)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     if args.plot:
         plot_tau(results, args.plot)
+
+
+def replay_references(model, prompts: dict[str, list[list[int]]], new_tokens: int) -> dict[tuple[str, int], list]:
+    """HF greedy references (EOS ignored) of every prompt, ``new_tokens`` long, cached on disk by prompt."""
+    folder = cache_dir() / "tau_refs"
+    folder.mkdir(parents=True, exist_ok=True)
+    refs, todo = {}, []
+    for s, items in prompts.items():
+        for i, ids in enumerate(items):
+            key = hashlib.sha1(json.dumps([model.config.name_or_path, ids]).encode()).hexdigest()[:16]
+            path = folder / f"{key}.json"
+            cached = json.loads(path.read_text()) if path.exists() else []
+            if len(cached) >= new_tokens:
+                refs[(s, i)] = cached[:new_tokens]
+            else:
+                todo.append((s, i, ids, path))
+    for s, i, ids, path in tqdm(todo, desc="greedy references", unit="prompt", disable=not todo):
+        refs[(s, i)] = greedy_reference(model, ids, new_tokens)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(refs[(s, i)]))
+        tmp.replace(path)
+    return refs
 
 
 def plot_tau(results: list[dict], path: str) -> None:

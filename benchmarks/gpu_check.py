@@ -510,7 +510,7 @@ def stage_verify_cost(ctx: Ctx, res: Results) -> None:
                 tree = TreeSpec.chain(1) if n == 1 else TreeSpec((-1,) + tuple(i // 4 for i in range(n - 1)))
                 tokens = torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(ctx.device)
 
-                def verify():
+                def verify(v=v):  # bound now: `del v` below frees the verifier
                     v.verify(tokens, tree)
                     v._pending = None  # discarded: the committed length stays
 
