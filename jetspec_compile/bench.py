@@ -130,6 +130,7 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
     marked as warm-up. One record per run, with token-identity to HF's greedy output (None for sampled runs; where it
     differs, the first new token that does)."""
     peers = peers or {}
+    plain_peer = next(iter(peers), None)  # the first peer decodes plainly; its prefill is timed apart
     eos = _eos_ids(model)
     records = []
     total = sum(len(p) for p in prompt_sets.values()) * len(methods)
@@ -144,8 +145,8 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                 start = time.perf_counter()
                 with torch.no_grad():
                     if engine in peers:
-                        peer_out = peers[engine].generate([ids], max_new_tokens, stop_token_ids=eos,
-                                                          **(_peer_sampling(sample, seed=i) if sampled else {}))
+                        extra = _peer_sampling(sample, seed=i) if sampled else {"prefill_probe": engine == plain_peer}
+                        peer_out = peers[engine].generate([ids], max_new_tokens, stop_token_ids=eos, **extra)
                         out = torch.tensor([ids + peer_out.outputs[0]])
                     elif sampled:
                         out = _generate_sampled(model, specs, engine, x, max_new_tokens, sample, seed=i)
@@ -171,6 +172,8 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
                                                                ref[0, x.shape[1]:].tolist())
                 if engine in peers:
                     rec["spec_decode"] = peer_out.spec_decode
+                    if peer_out.prefill_seconds is not None:
+                        rec["prefill_seconds"] = peer_out.prefill_seconds
                 if engine in specs:
                     st = specs[engine].last_stats
                     rec.update(tau=st["tau"], histogram=st["acceptance_histogram"], trace=st.get("trace"),
@@ -202,7 +205,8 @@ def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
     sampled methods against the strongest sampled peer) and the peers' own speculation counters; ``ms_per_step``,
     the cost of one target forward (a verification step, or a token of plain decoding), and with peers its ratio
     to the first (plain-decoding) peer's (``step_vs_plain_peer``); for speculative methods also ``prefill_ms``
-    (per prompt) and ``ms_per_decode_step`` (a step without the prompt's prefill)."""
+    (per prompt) and ``ms_per_decode_step`` (a step without the prompt's prefill), and for the plain peer the same
+    where it timed its prefill (``prefill_probe``), with the ratio of the two (``decode_step_vs_plain_peer``)."""
     out = {}
     plain = {"hf", *peers[:1]}  # methods that decode plainly
     sets = sorted({r["set"] for r in records})
@@ -240,6 +244,11 @@ def summarize(records: list[dict], methods: list[str], peers=()) -> dict:
                     entry["ms_per_decode_step"] = 1e3 * (sum(r["seconds"] for r in recs) - prefill) / steps
             elif m.removesuffix("-sample") in plain:  # plain decoding (HF, the first peer): one forward a token
                 entry["ms_per_step"] = 1e3 * sum(r["seconds"] for r in recs) / sum(r["new_tokens"] for r in recs)
+                if all("prefill_seconds" in r for r in recs) and sum(r["new_tokens"] for r in recs) > len(recs):
+                    prefill = sum(r["prefill_seconds"] for r in recs)  # it also gave each prompt's first token
+                    entry["prefill_ms"] = 1e3 * prefill / len(recs)
+                    entry["ms_per_decode_step"] = 1e3 * (sum(r["seconds"] for r in recs) - prefill) / (
+                        sum(r["new_tokens"] for r in recs) - len(recs))
             out[s][m] = entry
         if "hf-prompt-lookup" in methods:
             for m in methods:
@@ -283,9 +292,13 @@ def _step_cost(entries: dict, methods: list[str], plain: str) -> None:
     base = entries.get(plain, {}).get("ms_per_step")
     if not base:
         return
+    decode_base = entries[plain].get("ms_per_decode_step")
     for m in methods:
         if m != plain and entries.get(m, {}).get("ms_per_step"):
             entries[m]["step_vs_plain_peer"] = {"peer": plain, "ratio": entries[m]["ms_per_step"] / base}
+            if decode_base and entries[m].get("ms_per_decode_step"):
+                entries[m]["decode_step_vs_plain_peer"] = {"peer": plain,
+                                                           "ratio": entries[m]["ms_per_decode_step"] / decode_base}
 
 
 def step_cost_markdown(summary: dict, methods: list[str]) -> str:
@@ -303,14 +316,17 @@ def step_cost_markdown(summary: dict, methods: list[str]) -> str:
                 vs = f"{ratio['ratio']:.2f}× {ratio['peer']}" if ratio else "(reference)"
                 decode = (f"{e['ms_per_decode_step']:.1f} (prefill {e['prefill_ms']:.0f} ms a prompt)"
                           if "ms_per_decode_step" in e else "")
-                rows.append(f"| {s} | {m} | {e['ms_per_step']:.1f} | {decode} | {tau} | {vs} |")
+                split = e.get("decode_step_vs_plain_peer")
+                vs_split = f"{split['ratio']:.2f}×" if split else ("(reference)" if not ratio and decode else "")
+                rows.append(f"| {s} | {m} | {e['ms_per_step']:.1f} | {decode} | {tau} | {vs} | {vs_split} |")
     if not rows:
         return ""
     title = ("Cost of one target forward (ms; a verification step, or a token of plain decoding; whole generate "
-             "time, prefill included) against the plain-decoding peer's; our steps also without the prompt's "
-             "prefill (the peer's cannot be split):")
-    head = "| prompt set | method | ms/step | ms/step, prefill excluded | τ | vs peer's ms/token |"
-    return "\n".join([title, "", head, "|---|---|---|---|---|---|", *rows])
+             "time, prefill included) against the plain-decoding peer's; also without the prompt's prefill (the "
+             "peer's prefill: the same prompt generating one token, its prefix cache reset):")
+    head = ("| prompt set | method | ms/step | ms/step, prefill excluded | τ | vs peer's ms/token "
+            "| vs peer, prefill excluded |")
+    return "\n".join([title, "", head, "|---|---|---|---|---|---|---|", *rows])
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

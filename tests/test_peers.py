@@ -69,6 +69,9 @@ class LLM:
             outs.append(_RequestOutput(ids))
         return outs
 
+    def reset_prefix_cache(self):
+        return not os.environ.get("FAKE_VLLM_NO_RESET")
+
     def get_metrics(self):
         if not self.spec:
             return [_Metric("vllm:num_requests_running", 0)]
@@ -107,7 +110,19 @@ def test_worker_protocol_outputs_stop_tokens_and_spec_counters(fake_python, tmp_
         assert sampled.outputs == [[8, 10, 12]]  # temperature and seed reached SamplingParams
         with pytest.raises(ValueError, match="top_p"):
             peer.generate([[1]], 3, temperature=0.7, top_p=0.0)
+        assert second.prefill_seconds is None
+        probed = peer.generate([[1]], 2, prefill_probe=True)
+        assert probed.outputs == [[2, 3]] and probed.prefill_seconds > 0
+        assert probed.spec_decode["drafts"] == 2  # the probe's own step is not counted as the request's
+        assert peer.generate([[1]], 2).spec_decode["drafts"] == 2
     assert "vLLM log line on stdout" in log.read_text()  # vLLM's prints went to the log, not the protocol
+
+
+def test_prefill_probe_gives_none_where_the_prefix_cache_cannot_be_reset(fake_python, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_NO_RESET", "1")
+    with VLLMPeer(PeerConfig(model="m", threads=1, preload=False), python=fake_python) as peer:
+        probed = peer.generate([[1]], 2, prefill_probe=True)
+    assert probed.outputs == [[2, 3]] and probed.prefill_seconds is None  # not a time taken from the cache
 
 
 def test_worker_failure_is_a_clear_error_with_the_log(fake_python, tmp_path, monkeypatch):
@@ -135,7 +150,7 @@ class GreedyPeer:
         self.model, self.wrong_at = model, wrong_at
         self.sampling = []  # the sampling arguments of each sampled request
 
-    def generate(self, prompts, max_new_tokens, stop_token_ids=(), **sampling):
+    def generate(self, prompts, max_new_tokens, stop_token_ids=(), prefill_probe=False, **sampling):
         if sampling:
             self.sampling.append(sampling)
         outs = []
@@ -146,7 +161,8 @@ class GreedyPeer:
             if self.wrong_at is not None and len(new) > self.wrong_at:
                 new[self.wrong_at] = (new[self.wrong_at] + 1) % 97
             outs.append(new)
-        return PeerResult(outs, 0.01, {"drafts": 4, "draft_tokens": 32, "accepted_tokens": 6})
+        return PeerResult(outs, 0.01, {"drafts": 4, "draft_tokens": 32, "accepted_tokens": 6},
+                          0.002 if prefill_probe else None)
 
 
 def test_bench_peer_columns_identity_and_batches():
@@ -185,8 +201,13 @@ def test_bench_peer_columns_identity_and_batches():
     decode_step = 1e3 * (sum(r["seconds"] for r in ours) - prefill) / sum(sum(r["histogram"].values()) for r in ours)
     assert entries["jetspec-b4"]["ms_per_decode_step"] == pytest.approx(decode_step)
     assert entries["jetspec-b4"]["prefill_ms"] == pytest.approx(1e3 * prefill / 2)
+    assert "prefill_seconds" in by["vllm", 1] and "prefill_seconds" not in by["vllm-ngram", 1]  # plain peer only
+    vllm_decode = 1e3 * (2 * 0.01 - 2 * 0.002) / (2 * 8 - 2)  # the probe also gave each prompt's first token
+    assert entries["vllm"]["ms_per_decode_step"] == pytest.approx(vllm_decode)
+    assert entries["jetspec-b4"]["decode_step_vs_plain_peer"]["ratio"] == pytest.approx(decode_step / vllm_decode)
     cost = step_cost_markdown(summary, methods)
     assert f"| s | jetspec-b4 | {ms_step:.1f} | {decode_step:.1f} (prefill" in cost
+    assert f"| {decode_step / vllm_decode:.2f}× |" in cost
     assert "| s | vllm |" in cost and "(reference)" in cost
     assert step_cost_markdown(summarize(records, methods), methods) == ""  # no peer, no table
     report = identity_report(records, methods)

@@ -73,11 +73,13 @@ class PeerConfig:
 
 @dataclass
 class PeerResult:
-    """One request's answer: new token ids per prompt, wall seconds of the call, speculation counters."""
+    """One request's answer: new token ids per prompt, wall seconds of the call, speculation counters, and (when
+    asked for) the wall seconds of the same prompts generating one token from an empty prefix cache."""
 
     outputs: list[list[int]]
     seconds: float
     spec_decode: dict = field(default_factory=dict)
+    prefill_seconds: float | None = None
 
 
 class VLLMPeer:
@@ -126,18 +128,22 @@ class VLLMPeer:
         return f"\n--- last lines of {self.log_path} ---\n{text}"
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, stop_token_ids=(), temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> PeerResult:
+                 top_p: float = 1.0, seed: int | None = None, prefill_probe: bool = False) -> PeerResult:
         """New tokens for each prompt (token id lists), all submitted at once as concurrent requests; greedy at
-        ``temperature`` 0, else sampled (``top_p``, ``seed``)."""
+        ``temperature`` 0, else sampled (``top_p``, ``seed``). ``prefill_probe``: afterwards, time the same
+        prompts generating one token with vLLM's prefix cache reset (``PeerResult.prefill_seconds``), so that
+        its prefill can be told apart from its decoding."""
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         answer = self._call({"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": int(max_new_tokens),
                              "stop_token_ids": [int(t) for t in stop_token_ids], "temperature": temperature,
-                             "top_p": top_p, "seed": seed})
+                             "top_p": top_p, "seed": seed, "prefill_probe": bool(prefill_probe)})
         if len(answer["outputs"]) != len(prompts):
             raise PeerUnavailable(f"the vLLM worker answered {len(answer['outputs'])} outputs for {len(prompts)} "
                                   "prompts")
-        return PeerResult(answer["outputs"], float(answer["seconds"]), answer.get("spec_decode", {}))
+        probe = answer.get("prefill_seconds")
+        return PeerResult(answer["outputs"], float(answer["seconds"]), answer.get("spec_decode", {}),
+                          None if probe is None else float(probe))
 
     def close(self) -> None:
         """End the worker (closing its stdin ends it; killed if it does not exit)."""

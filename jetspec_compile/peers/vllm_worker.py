@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import copy
 import time
 import traceback
 
@@ -105,9 +106,28 @@ def serve(cfg: dict, requests, reply) -> None:
         results = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         after = spec_counters(llm.get_metrics())
-        reply({"outputs": [list(r.outputs[0].token_ids) for r in results], "seconds": seconds,
-               "spec_decode": {k: after[k] - before[k] for k in after}})
+        answer = {"outputs": [list(r.outputs[0].token_ids) for r in results], "seconds": seconds,
+                  "spec_decode": {k: after[k] - before[k] for k in after}}
+        if req.get("prefill_probe"):
+            answer["prefill_seconds"] = prefill_probe(llm, prompts, params)
+            after = spec_counters(llm.get_metrics())
+        reply(answer)
         before = after
+
+
+def prefill_probe(llm, prompts, params) -> float | None:
+    """Wall time of the same prompts generating one token, with the prefix cache emptied first (else the prompt
+    would come from it): the engine's prefill plus one sampling. None where the cache cannot be reset."""
+    reset = getattr(llm, "reset_prefix_cache", None)
+    if reset is None or reset() is False:
+        return None
+    one = copy.copy(params)
+    one.max_tokens = 1
+    start = time.perf_counter()
+    llm.generate(prompts, one, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    reset()
+    return seconds
 
 
 def main() -> int:
