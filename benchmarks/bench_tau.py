@@ -123,7 +123,8 @@ def main() -> None:
                 bar.update(1)
             results.append({"drafter": folder, "set": s, "shape": shape, "budget": budget, "width": width,
                             "draft_vocab": vocab, "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
-                            "draft_ms": 1e3 * draft_seconds / steps, "verify_ms": 1e3 * verify_seconds / steps,
+                            "draft_ms": None if args.replay else 1e3 * draft_seconds / steps,
+                            "verify_ms": None if args.replay else 1e3 * verify_seconds / steps,
                             "identical": "replay" if args.replay else identical})
     bar.close()
     named = len(args.drafter) > 1
@@ -133,7 +134,7 @@ def main() -> None:
         lookup = r['lookup_nodes'] if r['lookup_nodes'] is not None else 'auto'
         print((f"{r['drafter']} " if named else "") + f"{r['set']:10s} {r['shape']:6s} {r['budget']:6d} "
               f"{r['width']:5d} {r['draft_vocab'] or 'all':>6} {lookup:>6} {r['corpus']:>6s} "
-              f"{r['tau']:6.2f} {r['draft_ms']:8.1f} {r['verify_ms']:9.1f} {r['identical']}")
+              f"{r['tau']:6.2f} {_ms(r['draft_ms']):>8s} {_ms(r['verify_ms']):>9s} {r['identical']}")
     if args.replay:
         print("(replay: τ from the greedy references, no loop run; draft and verify times are not measured)")
     if args.json:
@@ -141,6 +142,10 @@ def main() -> None:
             json.dump(results, fh, indent=1)
     if args.plot:
         plot_tau(results, args.plot)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def replay_references(model, prompts: dict[str, list[list[int]]], new_tokens: int) -> dict[tuple[str, int], list]:
