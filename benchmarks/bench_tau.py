@@ -99,7 +99,8 @@ def main() -> None:
             identical = True
             for i, ids in enumerate(items):
                 if args.replay:
-                    verifier, key = spec.verifier(1), (s, i, spec.verifier(1).tap_layers)
+                    verifier = spec.verifier(1)
+                    key = (s, i, verifier.tap_layers)
                     if key not in taps and drafter.needs_hidden:
                         taps[key] = reference_taps(verifier, ids, refs[(s, i)])
                     hist = replay_acceptance(verifier, spec.runtime_drafter(), ids, refs[(s, i)], budget=budget,

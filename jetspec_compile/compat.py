@@ -44,3 +44,9 @@ def cache_argument(model) -> str:
     """The keyword a Hugging Face model's ``forward`` takes its KV cache by: ``cache`` in newer transformers 5
     releases, ``past_key_values`` before (5.17 still spells it so; an unknown keyword is swallowed silently)."""
     return _cache_argument(type(model))
+
+
+def returned_cache(out):
+    """The KV cache a Hugging Face forward returned (``cache`` in newer transformers 5, else
+    ``past_key_values``), or None."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")

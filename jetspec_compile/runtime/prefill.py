@@ -16,6 +16,8 @@ import logging
 
 import torch
 
+from ..compat import returned_cache
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["prefill_with_graph", "prefill_with_model", "model_prefill_agrees"]
@@ -63,7 +65,7 @@ def prefill_with_model(verifier, input_ids: torch.Tensor, real: torch.Tensor, po
     kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(verifier.model)) else {}
     out = verifier.model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True,
                          output_hidden_states=True, **kwargs)
-    cache = out["cache"] if "cache" in out else out.get("past_key_values")  # ``cache`` in transformers 5
+    cache = returned_cache(out)
     layers = getattr(cache, "layers", None)
     kv = verifier.cache.kv
     shape = (b, kv.shape[2], p, kv.shape[4])

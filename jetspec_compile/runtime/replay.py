@@ -15,12 +15,12 @@ deepest tree's depth, so that the last step's path can run past the cut as it do
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from typing import Sequence
 
 import torch
 
+from ..compat import cache_argument, returned_cache
 from .acceptance import accept_greedy
 from .loop import SamplingParams, draft
 from .prefill import _takes_logits_to_keep
@@ -43,15 +43,10 @@ def greedy_reference(model, prompt: Sequence[int], new_tokens: int) -> list[int]
         tokens.append(int(nxt))
         if i + 1 == new_tokens:
             break
-        cache = out["cache"] if "cache" in out else out.get("past_key_values")
         position = torch.tensor([[x.shape[1] + i]], device=x.device)
-        out = model(input_ids=nxt, **_cache_kwargs(model, cache), position_ids=position, use_cache=True)
+        out = model(input_ids=nxt, **{cache_argument(model): returned_cache(out)}, position_ids=position,
+                    use_cache=True)
     return tokens
-
-
-def _cache_kwargs(model, cache) -> dict:
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return {name: cache}
 
 
 @torch.no_grad()
