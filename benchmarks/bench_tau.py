@@ -95,6 +95,7 @@ def main() -> None:
         spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False)
         for s, items in prompts.items():
             steps = tokens = 0
+            per_prompt = []  # [tokens, steps] of every prompt: paired comparisons between drafters
             draft_seconds = verify_seconds = 0.0
             identical = True
             for i, ids in enumerate(items):
@@ -106,8 +107,9 @@ def main() -> None:
                     hist = replay_acceptance(verifier, spec.runtime_drafter(), ids, refs[(s, i)], budget=budget,
                                              max_new_tokens=args.max_new_tokens, eos_token_ids=[tok.eos_token_id],
                                              hidden=taps.get(key))
-                    steps += sum(hist.values())
-                    tokens += sum(k * v for k, v in hist.items())
+                    per_prompt.append([sum(k * v for k, v in hist.items()), sum(hist.values())])
+                    steps += per_prompt[-1][1]
+                    tokens += per_prompt[-1][0]
                     bar.update(1)
                     continue
                 x = torch.tensor([ids])
@@ -117,8 +119,9 @@ def main() -> None:
                 out = spec.generate(x, max_new_tokens=args.max_new_tokens)
                 identical &= torch.equal(out, refs[(s, i)])
                 hist = spec.last_stats["acceptance_histogram"]
-                steps += sum(hist.values())
-                tokens += sum(k * v for k, v in hist.items())
+                per_prompt.append([sum(k * v for k, v in hist.items()), sum(hist.values())])
+                steps += per_prompt[-1][1]
+                tokens += per_prompt[-1][0]
                 draft_seconds += spec.last_stats["draft_seconds"]
                 verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
@@ -126,7 +129,7 @@ def main() -> None:
                             "draft_vocab": vocab, "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
                             "draft_ms": None if args.replay else 1e3 * draft_seconds / steps,
                             "verify_ms": None if args.replay else 1e3 * verify_seconds / steps,
-                            "identical": "replay" if args.replay else identical})
+                            "identical": "replay" if args.replay else identical, "per_prompt": per_prompt})
     bar.close()
     named = len(args.drafter) > 1
     print(("drafter " if named else "") + f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} "
@@ -138,6 +141,8 @@ def main() -> None:
               f"{r['tau']:6.2f} {_ms(r['draft_ms']):>8s} {_ms(r['verify_ms']):>9s} {r['identical']}")
     if args.replay:
         print("(replay: τ from the greedy references, no loop run; draft and verify times are not measured)")
+    if named:
+        print_paired_differences(results)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
@@ -147,6 +152,46 @@ def main() -> None:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def paired_bootstrap_tau(base: list, other: list, *, resamples: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float, float]:
+    """τ(other) − τ(base) over the same prompts, with a paired bootstrap interval.
+
+    base, other: ``[tokens, steps]`` per prompt, in the same prompt order (τ = total tokens / total steps). Prompts
+    are resampled with replacement, the same draw for both drafters, so prompt difficulty cancels. Returns
+    ``(difference, low, high)``; an interval that contains 0 means the prompts cannot tell the two apart."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"need the same non-empty prompts for both drafters, got {len(base)} and {len(other)}")
+    a, b = torch.tensor(base, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+    if bool((a[:, 1] <= 0).any() | (b[:, 1] <= 0).any()):
+        raise ValueError("every prompt needs at least one step")
+
+    def tau(x: torch.Tensor) -> torch.Tensor:  # [..., P, 2] -> [...]
+        return x[..., 0].sum(-1) / x[..., 1].sum(-1)
+
+    idx = torch.randint(0, len(base), (resamples, len(base)), generator=torch.Generator().manual_seed(seed))
+    diffs = tau(b[idx]) - tau(a[idx])  # [resamples]
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(diffs, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return float(tau(b) - tau(a)), low, high
+
+
+def print_paired_differences(results: list[dict]) -> None:
+    """For every configuration, each further drafter against the first one named (paired over prompts)."""
+    first = results[0]["drafter"]
+    config = ("set", "shape", "budget", "width", "draft_vocab", "lookup_nodes", "corpus")
+    base = {tuple(r[k] for k in config): r for r in results if r["drafter"] == first}
+    rows = [(r, base[tuple(r[k] for k in config)]) for r in results
+            if r["drafter"] != first and tuple(r[k] for k in config) in base]
+    if not rows:
+        return
+    print(f"\nτ against {first}, paired over the same prompts (95% bootstrap interval; one that holds 0: no "
+          "difference these prompts can show):")
+    for r, b in rows:
+        diff, low, high = paired_bootstrap_tau(b["per_prompt"], r["per_prompt"])
+        print(f"{r['drafter']} {r['set']:10s} {r['shape']:6s} {r['budget']:6d} {diff:+6.3f} "
+              f"[{low:+.3f}, {high:+.3f}]")
 
 
 def replay_references(model, prompts: dict[str, list[list[int]]], new_tokens: int) -> dict[tuple[str, int], list]:
