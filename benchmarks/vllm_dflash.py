@@ -12,7 +12,7 @@ held-out prompts (greedy, batch 1):
   from ``LLM.get_metrics()``.
 
 Printed: whether the outputs are identical, mean accepted length and acceptance per position (vLLM and ours), and
-vLLM's tokens/s with and without the drafter. ``--json`` keeps everything (``tests/peers/test_vllm_dflash.py``
+vLLM's tokens/s with and without the drafter. ``--json`` keeps everything (``tests/test_vllm_dflash.py``
 asserts on it).
 
     python benchmarks/vllm_dflash.py [--drafter DIR] [--sets humaneval gsm] [--limit 3] [--max-new-tokens 64]
