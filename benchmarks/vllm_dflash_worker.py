@@ -53,6 +53,10 @@ def main() -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # vLLM 0.32 CPU never loads its compile cache ("'function' object has no attribute 'finalize_loading'") and
+    # recompiles at every start anyway; with a stale entry there, a start has overflowed the stack while
+    # recompiling. Not reading or writing the cache costs nothing and avoids that (set it to 0 to keep it).
+    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

@@ -52,6 +52,7 @@ class LLM:
         if os.environ.get("FAKE_VLLM_FAIL"):
             raise RuntimeError("engine core failed to start")
         assert kwargs["dtype"] == "float32" and kwargs["skip_tokenizer_init"] and not kwargs["disable_log_stats"]
+        assert os.environ["VLLM_DISABLE_COMPILE_CACHE"] == "1"  # a stale compile cache has crashed engine starts
         self.spec = kwargs.get("speculative_config")
         self.steps = 0
         print("vLLM log line on stdout")  # must not reach the protocol channel

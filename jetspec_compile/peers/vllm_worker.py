@@ -67,6 +67,10 @@ def build_engine(cfg: dict):
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.get("kv_cache_gib", 1))
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.get("cpu_bind") or f"0-{threads - 1}"
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # vLLM 0.32 CPU never loads its compile cache ("'function' object has no attribute 'finalize_loading'") and
+    # recompiles at every start anyway; with a stale entry there, a start has overflowed the stack while
+    # recompiling. Not reading or writing the cache costs nothing and avoids that (set it to 0 to keep it).
+    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
     from vllm import LLM
 
     kwargs = dict(model=cfg["model"], dtype=cfg.get("dtype", "float32"),
