@@ -94,8 +94,7 @@ def main() -> None:
         vocab = drafter.model.cfg.draft_vocab_size
         spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False)
         for s, items in prompts.items():
-            steps = tokens = 0
-            per_prompt = []  # [tokens, steps] of every prompt: paired comparisons between drafters
+            per_prompt = []  # [tokens, steps] of every prompt: τ, and paired comparisons between drafters
             draft_seconds = verify_seconds = 0.0
             identical = True
             for i, ids in enumerate(items):
@@ -108,8 +107,6 @@ def main() -> None:
                                              max_new_tokens=args.max_new_tokens, eos_token_ids=[tok.eos_token_id],
                                              hidden=taps.get(key))
                     per_prompt.append([sum(k * v for k, v in hist.items()), sum(hist.values())])
-                    steps += per_prompt[-1][1]
-                    tokens += per_prompt[-1][0]
                     bar.update(1)
                     continue
                 x = torch.tensor([ids])
@@ -120,11 +117,10 @@ def main() -> None:
                 identical &= torch.equal(out, refs[(s, i)])
                 hist = spec.last_stats["acceptance_histogram"]
                 per_prompt.append([sum(k * v for k, v in hist.items()), sum(hist.values())])
-                steps += per_prompt[-1][1]
-                tokens += per_prompt[-1][0]
                 draft_seconds += spec.last_stats["draft_seconds"]
                 verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
+            tokens, steps = map(sum, zip(*per_prompt))
             results.append({"drafter": folder, "set": s, "shape": shape, "budget": budget, "width": width,
                             "draft_vocab": vocab, "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
                             "draft_ms": None if args.replay else 1e3 * draft_seconds / steps,
