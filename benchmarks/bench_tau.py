@@ -106,19 +106,17 @@ def main() -> None:
                     hist = replay_acceptance(verifier, spec.runtime_drafter(), ids, refs[(s, i)], budget=budget,
                                              max_new_tokens=args.max_new_tokens, eos_token_ids=[tok.eos_token_id],
                                              hidden=taps.get(key))
-                    per_prompt.append([sum(k * v for k, v in hist.items()), sum(hist.values())])
-                    bar.update(1)
-                    continue
-                x = torch.tensor([ids])
-                if (s, i) not in refs:
-                    refs[(s, i)] = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                                  max_new_tokens=args.max_new_tokens)
-                out = spec.generate(x, max_new_tokens=args.max_new_tokens)
-                identical &= torch.equal(out, refs[(s, i)])
-                hist = spec.last_stats["acceptance_histogram"]
+                else:
+                    x = torch.tensor([ids])
+                    if (s, i) not in refs:
+                        refs[(s, i)] = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                                      max_new_tokens=args.max_new_tokens)
+                    out = spec.generate(x, max_new_tokens=args.max_new_tokens)
+                    identical &= torch.equal(out, refs[(s, i)])
+                    hist = spec.last_stats["acceptance_histogram"]
+                    draft_seconds += spec.last_stats["draft_seconds"]
+                    verify_seconds += spec.last_stats["verify_seconds"]
                 per_prompt.append([sum(k * v for k, v in hist.items()), sum(hist.values())])
-                draft_seconds += spec.last_stats["draft_seconds"]
-                verify_seconds += spec.last_stats["verify_seconds"]
                 bar.update(1)
             tokens, steps = map(sum, zip(*per_prompt))
             results.append({"drafter": folder, "set": s, "shape": shape, "budget": budget, "width": width,
