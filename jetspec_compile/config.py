@@ -31,8 +31,9 @@ class JetSpecConfig:
         self_check: compare the rewritten graph with the eager model once when it is built.
         artifact_dir: folder of compiled ``.pt2`` packages for ``backend="aoti"`` (default: the cache folder);
             ship it with a deployment so start-up loads instead of compiling.
-        cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``): ``"auto"`` (measure both per
-            weight shape), ``"mkl"`` or ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
+        cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``, and every backend's prompt prefill):
+            ``"auto"`` (measure both per weight shape), ``"mkl"`` or ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``,
+            else ``"auto"``.
         precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's dtype.
         max_batch: most rows one speculative loop serves when ``generate`` calls overlap (threads): waiting greedy
             calls with the same ``max_new_tokens`` share one left-padded batch. 1: overlapping calls only take
@@ -55,7 +56,8 @@ class JetSpecConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         if self.budget != "auto" and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ValueError(f"budget must be a positive int (tree nodes per verification) or 'auto', got {self.budget!r}")
+            raise ValueError("budget must be a positive int (tree nodes per verification) or 'auto', "
+                             f"got {self.budget!r}")
         if not isinstance(self.max_cache_len, int) or self.max_cache_len <= self.max_budget:
             raise ValueError(f"max_cache_len must be an int larger than the budget ({self.max_budget}), "
                              f"got {self.max_cache_len!r}")

@@ -42,8 +42,8 @@ class LoweringOptions:
 
     Attributes:
         artifact_dir: folder of compiled packages (``aoti``; default: the cache folder).
-        cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``): ``"auto"``, ``"mkl"``,
-            ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
+        cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``, and every backend's prompt prefill):
+            ``"auto"``, ``"mkl"``, ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
         max_cache_len: longest cache a built engine must accept (``tensorrt``'s optimisation profile).
         precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's own dtype.
     """
@@ -84,7 +84,8 @@ def _on_cpu(drafter) -> bool:
 
 def lower_eager(step, prepack: bool = True, cpu_linear: str | None = None):
     """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention) and,
-    with ``prepack``, fp32 CPU linears run from packed weights (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
+    with ``prepack``, fp32 CPU linears run from packed weights
+    (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
     passes = LOWERING_PASSES + ((functools.partial(prepack_linear_weights, kernel=cpu_linear),) if prepack else ())
     PassManager(passes)(step)
     return step.graph_module

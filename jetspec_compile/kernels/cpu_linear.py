@@ -16,6 +16,11 @@ a module wrapped, never per call. Both kernels compute in fp32; only the summati
 
 Memory: one packed copy per weight and row count, shared by every graph and module of that count and dropped
 with the weight; a weight changed in place is packed again. A single row (plain decoding) is left to the GEMV.
+
+A prompt's prefill multiplies many rows (the prompt's length) by every weight. There too MKL's unpacked GEMM is
+slower than oneDNN's packed one on AMD CPUs (``docs/profile.md``), so within a :class:`PackedLinearMode` every
+linear of two rows or more runs from one copy packed for :data:`PREFILL_ROWS` rows: oneDNN's packed GEMM takes
+any row count; MKL's runs its packed copy at exactly that count and the plain GEMM otherwise.
 """
 
 from __future__ import annotations
@@ -29,16 +34,20 @@ import weakref
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import CPU_LINEARS
 
-__all__ = ["MIN_ROWS", "MAX_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting", "choose_kernel",
-           "pack_weight", "run_packed", "packed_weight", "packed_linear", "prepack_supported", "PackedLinear",
-           "with_packed_linears", "TIMINGS"]
+__all__ = ["MIN_ROWS", "MAX_ROWS", "PREFILL_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting",
+           "choose_kernel", "pack_weight", "run_packed", "packed_weight", "packed_linear", "prepack_supported",
+           "PackedLinear", "with_packed_linears", "PackedLinearMode", "TIMINGS"]
 
 #: row counts (batch x tree nodes) whose linears are packed: one row is a GEMV (no packing to save), and above
 #: MAX_ROWS the GEMM's own packing is amortised (the 64-token prefill chunk runs once per prompt)
 MIN_ROWS, MAX_ROWS = 2, 32
+
+#: the row count a prefill's weights are packed for (one copy for every prompt length; see the module docstring)
+PREFILL_ROWS = 128
 
 #: the packed-kernel settings: a kernel for every linear, or "auto" (the faster per shape, measured)
 CPU_LINEAR_KERNELS = CPU_LINEARS
@@ -161,14 +170,20 @@ def packed_weight(weight: torch.Tensor, rows: int, setting: str = "auto") -> tup
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  setting: str = "auto") -> torch.Tensor:
+                  setting: str = "auto", pack_rows: int | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, from ``weight`` packed for this row count where that pays (fp32 on CPU,
-    ``MIN_ROWS <= rows <= MAX_ROWS``, no autograd, MKL or oneDNN built in); plain ``F.linear`` otherwise."""
+    ``MIN_ROWS <= rows <= MAX_ROWS``, no autograd, MKL or oneDNN built in); plain ``F.linear`` otherwise.
+
+    pack_rows: pack once for this row count instead and run every call of at least ``MIN_ROWS`` rows from that
+    copy (a prefill, whose row count is the prompt's length; see the module docstring).
+    """
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-    if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
+    key = rows if pack_rows is None else pack_rows
+    if ((MIN_ROWS <= rows <= MAX_ROWS if pack_rows is None else rows >= MIN_ROWS)
+            and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
             and x.device.type == "cpu" and not torch.is_grad_enabled() and prepack_supported()):
-        kernel, packed = packed_weight(weight, rows, setting)
-        out = run_packed(kernel, x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
+        kernel, packed = packed_weight(weight, key, setting)
+        out = run_packed(kernel, x.reshape(rows, x.shape[-1]), packed, weight, bias, key)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -187,7 +202,10 @@ class PackedLinear(nn.Module):
 def with_packed_linears(module: nn.Module, kernel: str | None = None) -> nn.Module:
     """A structural copy of ``module`` that shares every parameter and buffer, with each ``nn.Linear`` replaced
     by a :class:`PackedLinear` (for eager inference on CPU; ``module`` itself is left as it is). ``kernel``: the
-    setting (see :func:`kernel_setting`), read once here."""
+    setting (see :func:`kernel_setting`), read once here.
+
+    The copy shares the modules' hook dicts too, so it suits modules of this package, not models that install
+    hooks as they run (Hugging Face's output recording does): for those, see :class:`PackedLinearMode`."""
     setting = kernel_setting(kernel)
     if isinstance(module, nn.Linear):
         return PackedLinear(module, setting)
@@ -195,3 +213,19 @@ def with_packed_linears(module: nn.Module, kernel: str | None = None) -> nn.Modu
     clone._modules = {name: None if child is None else with_packed_linears(child, setting)
                       for name, child in module._modules.items()}
     return clone
+
+
+class PackedLinearMode(TorchFunctionMode):
+    """While active, every ``F.linear`` (``nn.Linear`` included) runs through :func:`packed_linear` with
+    ``pack_rows`` (default :data:`PREFILL_ROWS`): a model's prefill on packed weights without copying or changing
+    the model. ``kernel``: the setting (see :func:`kernel_setting`), read once here."""
+
+    def __init__(self, kernel: str | None = None, pack_rows: int = PREFILL_ROWS):
+        super().__init__()
+        self.setting, self.pack_rows = kernel_setting(kernel), pack_rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:  # the mode is off inside this handler: no recursion
+            return packed_linear(*args, **kwargs, setting=self.setting, pack_rows=self.pack_rows)
+        return func(*args, **kwargs)

@@ -63,8 +63,9 @@ def prefill_with_model(verifier, input_ids: torch.Tensor, real: torch.Tensor, po
     are not finite (the graph prefill that follows then rewrites every slot this may have written)."""
     b, p = input_ids.shape
     kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(verifier.model)) else {}
-    out = verifier.model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True,
-                         output_hidden_states=True, **kwargs)
+    with verifier.prefill_mode:  # packed linears where the verifier was given a kernel setting for them
+        out = verifier.model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions,
+                             use_cache=True, output_hidden_states=True, **kwargs)
     cache = returned_cache(out)
     layers = getattr(cache, "layers", None)
     kv = verifier.cache.kv

@@ -85,10 +85,11 @@ class SpecModel:
     def _verifier(self, batch_size: int) -> TreeVerifier:
         if batch_size not in self._verifiers:
             tap_layers = self.config.tap_layers or getattr(self.drafter, "tap_layers", None)
+            options = LoweringOptions.from_config(self.config)
             self._verifiers[batch_size] = TreeVerifier(
                 self.model, max_cache_len=self.config.max_cache_len, batch_size=batch_size,
                 budget=self.config.max_budget, tap_layers=tap_layers, self_check=self.config.self_check,
-                compile_fn=lower(self.config.backend, LoweringOptions.from_config(self.config)),
+                compile_fn=lower(self.config.backend, options), prefill_linear=options.cpu_linear,
                 extra_budgets=[b for b in self.config.budgets if b < self.config.max_budget])
         return self._verifiers[batch_size]
 

@@ -8,6 +8,7 @@ is the root of the next tree.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..capture import text_config
 from ..compiler import build_verify_step
+from ..kernels.cpu_linear import PackedLinearMode
 from ..kv_cache import StaticKVCache
 from ..tree import TreeSpec, ancestor_mask, depths, pad_tree
 from . import prefill as prefill_paths
@@ -65,12 +67,15 @@ class TreeVerifier:
             fills the same state: no tap on the last layer (HF returns that one after the final norm), a cache of
             one full ``[B, H_kv, P, D]`` tensor per layer (not a sliding-window layer holding fewer), and a
             comparison with the graph's own prefill on the first call; otherwise the graph prefills.
+        prefill_linear: run that forward's fp32 CPU linears from packed weights (one copy, packed on first use;
+            :class:`~jetspec_compile.kernels.cpu_linear.PackedLinearMode`) with this kernel setting (``"auto"``,
+            ``"mkl"``, ``"onednn"``); None: the model's own linears, as ``generate`` runs them.
     """
 
     def __init__(self, model: nn.Module, *, max_cache_len: int = 1024, batch_size: int = 1, budget: int = 16,
                  tap_layers: Sequence[int] | None = None, compile_fn: Callable | None = None,
                  self_check: bool = True, run_checks: bool = False, extra_budgets: Sequence[int] = (),
-                 prefill_chunk: int = 64, model_prefill: bool = True):
+                 prefill_chunk: int = 64, model_prefill: bool = True, prefill_linear: str | None = None):
         if max_cache_len < budget + 2:
             raise ValueError(f"max_cache_len={max_cache_len} leaves no room for a prompt and a tree of "
                              f"budget={budget}; use at least {budget + 2}")
@@ -99,6 +104,8 @@ class TreeVerifier:
         self._pending: list[TreeSpec] | None = None
         # None: not yet compared with the graph's prefill (done on the first prefill); then True / False
         self._model_prefill = None if model_prefill and max(self.tap_layers) < kv.num_layers - 1 else False
+        self.prefill_mode = (PackedLinearMode(prefill_linear) if prefill_linear is not None
+                             and self.device.type == "cpu" else contextlib.nullcontext())  # see prefill_with_model
         if self_check:
             check_against_eager(self)
 

@@ -128,6 +128,59 @@ def test_drafter_step_with_packed_linears_matches_the_plain_step(monkeypatch, ke
 
 
 
+def test_packed_linear_mode_runs_every_multi_row_linear_from_one_copy(monkeypatch, kernel):
+    """A prefill under ``PackedLinearMode``: every linear of two rows or more runs packed, from one copy per
+    weight packed for ``PREFILL_ROWS`` whatever the prompt's length; a one-row linear (the LM head at the last
+    position) stays the GEMV; the same numbers as the model's own forward; nothing routed outside the mode."""
+    from jetspec_compile.kernels.cpu_linear import PREFILL_ROWS, PackedLinearMode
+
+    model = make_model("llama")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    calls = []
+    run = module.run_packed
+    monkeypatch.setattr(module, "_PACKED", {})
+    monkeypatch.setattr(module, "run_packed",
+                        lambda k, x, packed, w, b, rows: calls.append((k, x.shape[0], rows, id(w))) or run(
+                            k, x, packed, w, b, rows))
+    mode = PackedLinearMode(kernel)
+    for length in (5, 40):  # shorter and longer than MAX_ROWS: one packed copy serves both
+        ids = torch.randint(3, VOCAB, (1, length))
+        with torch.no_grad():
+            expected = model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+            assert not calls  # outside the mode the model's own linears run
+            with mode:
+                got = model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+        for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert {c[:3] for c in calls} == {(kernel, length, PREFILL_ROWS)}
+        assert {c[3] for c in calls} == {id(m.weight) for m in linears if m is not model.lm_head}
+        calls.clear()
+    assert {id(m.weight): set(module._PACKED[id(m.weight)][2]) for m in linears if m is not model.lm_head} == {
+        id(m.weight): {PREFILL_ROWS} for m in linears if m is not model.lm_head}
+
+
+def test_model_prefill_on_packed_linears_fills_the_state_of_the_plain_one(monkeypatch, kernel):
+    """``TreeVerifier(prefill_linear=...)``: the model's prefill forward runs packed (what ``optimize`` sets up
+    on CPU) and commits the same cache, taps and logits as the model's own linears."""
+    model = make_model("llama")
+    kw = dict(max_cache_len=128, batch_size=2, budget=8, tap_layers=(0, 1), self_check=False)
+    plain, packed = TreeVerifier(model, **kw), TreeVerifier(model, prefill_linear=kernel, **kw)
+    ids = torch.randint(3, VOCAB, (2, 37))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # a left-padded row
+    expected = plain.prefill(ids, mask)
+    calls = []
+    run = module.run_packed
+    monkeypatch.setattr(module, "run_packed", lambda k, x, *a: calls.append(k) or run(k, x, *a))
+    got = packed.prefill(ids, mask)
+    assert packed._model_prefill and calls and set(calls) == {kernel}
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    slots = plain.cache.valid[None, :, None, :, None].expand_as(plain.cache.kv)
+    torch.testing.assert_close(packed.cache.kv[slots], plain.cache.kv[slots], atol=1e-4, rtol=1e-4)
+
+
 def test_auto_takes_the_faster_kernel_per_shape(monkeypatch):
     """``auto`` times both kernels once per (out, in, rows) and takes the faster; the pass then mixes them."""
     if len(available_kernels()) < 2:
