@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct with the shipped drafter (budget 8, eager backend) on gene
 (``benchmarks/prompts/chat.jsonl``), speculating at every step (no fallback to plain decoding). For every prompt
 it runs greedy decoding and sampling (T, top-p as given) two ways: ``sample-scalar``, the node-by-node rules of
 ``runtime/acceptance.py`` on best-first trees (what the runtime did before batched acceptance), and ``sample``, the
-runtime as it is (batched acceptance), both on the drafter's default (best-first) trees. It reports per step: drafter time,
+runtime as it is (batched acceptance), both on the drafter's default (best-first) trees. It reports per step: drafter
+time,
 target-forward time and the rest (host: tree assembly, acceptance, KV commit), from ``spec.last_stats``; then a
 cProfile view of one sampled generation of each kind.
 

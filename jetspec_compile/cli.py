@@ -72,7 +72,8 @@ def cmd_draft_vocab(args) -> None:
     data = selfdistill_path(args.model, args.data)
     records = read_sequences(data)
     if not records and args.size:
-        raise SystemExit(f"no self-distillation data at {data}: run `jetspec-compile train-drafter` first or pass --data")
+        raise SystemExit(f"no self-distillation data at {data}: run `jetspec-compile train-drafter` first or "
+                         "pass --data")
     drafter = load_drafter(path, model).restrict_vocab(None)
     if args.size:
         drafter = _with_draft_vocab(drafter, records, args.size, tok)

@@ -71,7 +71,8 @@ class OracleDrafter:
                     while p > 0:
                         p, depth = parents[p], depth + 1
                     # the true token at this depth if the parent is on the true path
-                    tok = truth[depth] if depth < len(truth) and self.rng.random() < 0.5 else self.rng.randrange(self.vocab)
+                    on_path = depth < len(truth) and self.rng.random() < 0.5
+                    tok = truth[depth] if on_path else self.rng.randrange(self.vocab)
                     add(parent, tok)
             out.append(DraftTree(tuple(tokens), TreeSpec(tuple(parents))))
         return out

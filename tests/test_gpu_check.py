@@ -33,6 +33,6 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
     sampling = tables["lossless"]["sampling: chi-square of the first three tokens against the target's exact joint"]
     assert len(sampling) == 2 and all(r["passed"] for r in sampling)
     assert all(r["identical"] for t in tables["end_to_end"].values() for r in t)
-    assert {r["backend"] for r in tables["verify_cost"]["one verify step against one plain decoding step (HF, eager)"]} \
-        == {"HF decode step", "eager", "inductor"}
+    cost = tables["verify_cost"]["one verify step against one plain decoding step (HF, eager)"]
+    assert {r["backend"] for r in cost} == {"HF decode step", "eager", "inductor"}
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -140,7 +140,8 @@ def test_build_corpus_command_indexes_responses_and_refuses_bad_data(smollm2, tm
     before = (tmp_path / "d" / "corpus.safetensors").read_bytes()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"set": "x", "prompt_ids": [5], "response_ids": [10 ** 7]}) + "\n")
-    for args, message in (([str(bad)], "outside this model's vocabulary"), ([str(tmp_path / "none.jsonl")], "no such file"),
+    for args, message in (([str(bad)], "outside this model's vocabulary"),
+                          ([str(tmp_path / "none.jsonl")], "no such file"),
                           ([str(tmp_path / "empty.jsonl")], "no responses")):
         (tmp_path / "empty.jsonl").write_text("")
         with pytest.raises(SystemExit, match=message):

@@ -10,7 +10,8 @@ The drafter's step (:class:`~jetspec_compile.drafter.step.DraftStep`; context le
 count dynamic) is packaged the same way (:func:`export_drafter_aoti`).
 
 ``optimize(model, backend="aoti", artifact_dir="compiled/")`` compiles each verify graph and the drafter step
-the first time and saves them there; later processes (a deployment) load the packages in milliseconds instead of compiling for
+the first time and saves them there; later processes (a deployment) load the packages in milliseconds instead of
+compiling for
 minutes. The capture and passes (a few seconds) still run at start-up: they provide the cache layout and the
 self-check.
 """

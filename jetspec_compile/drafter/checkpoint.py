@@ -50,7 +50,8 @@ def check_drafter_fits(cfg: DrafterConfig, target) -> None:
     if cfg.vocab_size != tc.vocab_size:
         problems.append(f"vocabulary {cfg.vocab_size} != target's {tc.vocab_size}")
     if cfg.target_num_layers != tc.num_hidden_layers:
-        problems.append(f"trained for a target with {cfg.target_num_layers} layers, this one has {tc.num_hidden_layers}")
+        problems.append(f"trained for a target with {cfg.target_num_layers} layers, "
+                        f"this one has {tc.num_hidden_layers}")
     if max(cfg.tap_layers) >= tc.num_hidden_layers:
         problems.append(f"taps layers {cfg.tap_layers} beyond the target's {tc.num_hidden_layers}")
     if problems:

@@ -87,7 +87,8 @@ class DrafterConfig:
         if not self.tap_layers:
             raise ValueError("a drafter needs at least one tapped target layer")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must lie in [0, vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
+            raise ValueError(f"draft_vocab_size must lie in [0, vocab_size={self.vocab_size}], "
+                             f"got {self.draft_vocab_size}")
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
         if self.style == "jetspec" and not self.causal:
@@ -97,7 +98,8 @@ class DrafterConfig:
             raise ValueError(f"a 'dflash' block is the anchor plus at least one MASK slot: block_size >= 2, got "
                              f"{self.block_size}")
         if not -1 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(f"mask_token_id must lie in [0, {self.vocab_size}) (or -1: unset), got {self.mask_token_id}")
+            raise ValueError(f"mask_token_id must lie in [0, {self.vocab_size}) (or -1: unset), "
+                             f"got {self.mask_token_id}")
 
     @property
     def depth(self) -> int:
@@ -131,7 +133,8 @@ class DrafterConfig:
             target_hidden_size=target_config.hidden_size, vocab_size=target_config.vocab_size,
             tap_layers=tuple(tap_layers), target_num_layers=target_config.num_hidden_layers,
             num_heads=heads, num_kv_heads=getattr(target_config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim, intermediate_size=getattr(target_config, "intermediate_size", 4 * target_config.hidden_size),
+            head_dim=head_dim,
+            intermediate_size=getattr(target_config, "intermediate_size", 4 * target_config.hidden_size),
             rope_theta=float(rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))),
             target_name=os.path.basename(str(getattr(target_config, "_name_or_path", "") or "").rstrip("/"))
             or getattr(target_config, "model_type", ""),  # a name, never a local path

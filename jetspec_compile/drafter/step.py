@@ -48,7 +48,8 @@ class DraftStep(nn.Module):
         block_positions: [1, M*S] positions of the block tokens (``T + t .. T + t + S - 1`` per block);
         past: per drafter layer ``(k, v)`` [1, H_kv, T, D], the cached context keys/values (T may be 0).
     Returns ``(logprobs [M, depth, V] float32, [(k, v) [1, H_kv, t, D] per layer])`` (depth:
-    ``model.cfg.depth``); with a draft vocabulary (``DrafterConfig.draft_vocab_size``) the last axis is its ``V'`` entries, in ``model.draft_vocab`` order.
+    ``model.cfg.depth``); with a draft vocabulary (``DrafterConfig.draft_vocab_size``) the last axis is its ``V'``
+    entries, in ``model.draft_vocab`` order.
     """
 
     def __init__(self, model: ParallelDrafter, packed: bool = False):

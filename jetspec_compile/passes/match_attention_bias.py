@@ -3,7 +3,8 @@
 Expects a captured step whose attention ops are matched (after :func:`match_eager_attention`) and whose
 ``position_ids`` input is still in place (before :func:`insert_tree_positions`). For every attention it
 evaluates the additive mask the model built, on the capture's positions ``0 .. N-1`` (twice, with different
-tokens: a mask that changes with them is refused), and checks what it is: a key may be visible exactly when it is causal and (on sliding-window layers, see
+tokens: a mask that changes with them is refused), and checks what it is: a key may be visible exactly when it is
+causal and (on sliding-window layers, see
 :func:`~jetspec_compile.passes.insert_tree_mask.attention_windows`) less than the window behind the query; over
 the visible keys the mask may add, per head, ``slope · key position`` plus a per-query constant (ALiBi; a
 constant per query changes no softmax) and nothing else. Slopes are recorded in ``step.alibi_slopes``

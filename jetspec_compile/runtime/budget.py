@@ -61,7 +61,8 @@ class BudgetController:
         """Record one step: the budget used, its wall time, and each active row's accepted node path."""
         self.used[used] += 1
         self.since_probe = 0 if used > self._best or used == self.largest else self.since_probe + 1
-        self.cost[used] = seconds if self.cost[used] is None else self.decay * self.cost[used] + (1 - self.decay) * seconds
+        old = self.cost[used]
+        self.cost[used] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
         if not paths:
             return
         for b in self.budgets:

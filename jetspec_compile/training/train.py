@@ -4,7 +4,8 @@ Recipe (DESIGN.md, after DFlash/JetSpec): sequences are prompts plus responses r
 (:mod:`jetspec_compile.training.data`); the target runs once per sequence to record its tapped hidden states
 (:func:`compute_features`); each training example samples many anchors per sequence, each anchor starting a
 block ``[anchor, MASK × D]`` that sees the context before it and its own causal prefix, never other blocks.
-The anchor token itself is given, not predicted; depth ``k`` is weighted ``exp(-(k-1)/gamma)``. Loss: cross-entropy on the target's
+The anchor token itself is given, not predicted; depth ``k`` is weighted ``exp(-(k-1)/gamma)``. Loss: cross-entropy on
+the target's
 own tokens (``"ce"``, which for greedy self-distilled data is the target's argmax) or forward KL against the
 target's distribution (``"kl"``, needs one extra target forward per sequence per step). AdamW, cosine schedule
 with warm-up, gradient clipping; checkpoints and resume; deterministic for a seed.
@@ -190,7 +191,8 @@ def init_from_target(drafter: ParallelDrafter, target) -> list[str]:
         if i == 0 and "input_layernorm.weight" in src:
             drafter.context_norm.weight.copy_(src["input_layernorm.weight"])
     final = getattr(getattr(target, "model", None), "norm", None)
-    if final is not None and getattr(final, "weight", None) is not None and final.weight.shape == drafter.norm.weight.shape:
+    if (final is not None and getattr(final, "weight", None) is not None
+            and final.weight.shape == drafter.norm.weight.shape):
         drafter.norm.weight.copy_(final.weight)
         copied.append("norm")
     return copied
@@ -337,8 +339,8 @@ def train_drafter(target, features, drafter_cfg: DrafterConfig, cfg: TrainConfig
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
         vocab = None if drafter.draft_vocab is None else drafter.draft_vocab.tolist()
-        if (state["drafter_config"] != dataclasses.asdict(drafter_cfg) or state["train_config"] != dataclasses.asdict(cfg)
-                or state.get("draft_vocab") != vocab):
+        if (state["drafter_config"] != dataclasses.asdict(drafter_cfg)
+                or state["train_config"] != dataclasses.asdict(cfg) or state.get("draft_vocab") != vocab):
             raise ValueError(f"{state_path} belongs to a run with other settings; pass resume=False to start over")
         drafter.load_state_dict(state["drafter"])
         opt.load_state_dict(state["optimizer"])

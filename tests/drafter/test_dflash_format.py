@@ -130,7 +130,8 @@ def reference_drafts(w, conf, embed, head, taps_hidden, bonus, k, causal):
         att = (scores.softmax(-1) @ vv).transpose(0, 1).reshape(k + 1, -1)
         x = x + att @ p("self_attn.o_proj.weight").T
         h = _rms(x, p("post_attention_layernorm.weight"), eps)
-        x = x + (F.silu(h @ p("mlp.gate_proj.weight").T) * (h @ p("mlp.up_proj.weight").T)) @ p("mlp.down_proj.weight").T
+        gated = F.silu(h @ p("mlp.gate_proj.weight").T) * (h @ p("mlp.up_proj.weight").T)
+        x = x + gated @ p("mlp.down_proj.weight").T
     logits = _rms(x, w["norm.weight"], eps)[1:] @ head.T  # the bonus slot's output is unused
     return logits.log_softmax(-1)  # [k, V']
 
@@ -183,7 +184,8 @@ def foreign_checkpoint(folder, target, layout, seed=0, draft_vocab=None):
 @pytest.mark.parametrize("layout", ["native", "speculators"])
 def test_foreign_checkpoint_drafts_what_the_format_says(tmp_path, layout):
     target = make_model("qwen3")
-    vocab = None if layout == "native" else torch.randperm(VOCAB, generator=torch.Generator().manual_seed(5))[:50].sort().values
+    gen = torch.Generator().manual_seed(5)
+    vocab = None if layout == "native" else torch.randperm(VOCAB, generator=gen)[:50].sort().values
     w, conf = foreign_checkpoint(tmp_path / "dflash", target, layout, draft_vocab=vocab)
     net = load_drafter(tmp_path / "dflash", target)
     assert net.cfg.style == "dflash" and net.cfg.causal is False and net.cfg.depth == 5

@@ -183,7 +183,8 @@ def test_drawn_parallel_drafter_trees_match_target_distribution():
             drawn.extend(t.probs is not None and len(t.tokens) > 1 for t in trees)
             return trees
 
-    spec = js.attach_drafter(target, Recording(net, width=3, lookup_nodes=0, drawn_trees=True), budget=6, max_cache_len=48)
+    spec = js.attach_drafter(target, Recording(net, width=3, lookup_nodes=0, drawn_trees=True), budget=6,
+                             max_cache_len=48)
     temperature, top_k, top_p = 0.7, 5, 0.9
     counts = sampled_counts(spec, temperature, top_k, top_p, rounds=ROUNDS // 2)  # one drafter forward per row
     assert drawn and all(drawn)
