@@ -59,6 +59,10 @@ def add_bench_arguments(ap) -> None:
                          "by the warm-up prompt and reported separately")
     ap.add_argument("--no-assisted", action="store_true", help="skip HF prompt-lookup assisted generation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                    help="idle pause before every run, so that each engine starts from the same idle machine (the "
+                         "first forward after an idle second runs ~25%% slower on a shared VM; back-to-back runs of "
+                         "one process would skip that cost; 0: no pause)")
     ap.add_argument("--sample", default=None, metavar="T[,TOP_P]", type=parse_sample,
                     help="also run HF, the peers and every speculative method sampled at temperature T (and "
                          "top-p), as '*-sample' rows compared with HF sampling, e.g. --sample 0.7,0.9")
@@ -95,11 +99,12 @@ def _rss_mb() -> float:
 
 def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]]], *, budgets=(8,),
               max_new_tokens=128, assisted=True, progress=True, backends=("eager",), sample: dict | None = None,
-              peers=None, specs=None) -> dict:
+              peers=None, specs=None, settle: float = 0.0) -> dict:
     """Run all methods interleaved over every prompt; returns the raw per-prompt records and summaries.
     ``sample``: also run HF and every spec sampled with these ``generate`` arguments (``*-sample`` methods).
     ``peers`` maps method names to running peer engines (:class:`~jetspec_compile.peers.VLLMPeer`); ``specs``
-    (from :func:`build_specs`) replaces the models built from ``drafter_factory``, ``budgets`` and ``backends``."""
+    (from :func:`build_specs`) replaces the models built from ``drafter_factory``, ``budgets`` and ``backends``;
+    ``settle``: see :func:`run_interleaved`."""
     if specs is None:
         specs = build_specs(model, drafter_factory, budgets=budgets, backends=backends)
     peers = peers or {}
@@ -107,7 +112,7 @@ def run_bench(model, tok, drafter_factory, prompt_sets: dict[str, list[list[int]
     if sample is not None:
         methods += ["hf-sample"] + [f"{name}-sample" for name in list(peers) + list(specs)]
     records = run_interleaved(model, specs, prompt_sets, methods, max_new_tokens=max_new_tokens, progress=progress,
-                              peers=peers, sample=sample)
+                              peers=peers, sample=sample, settle=settle)
     return {"methods": methods, "records": records, "summary": summarize(records, methods, peers=list(peers))}
 
 
@@ -124,11 +129,16 @@ def build_specs(model, drafter_factory, *, budgets=(8,), backends=("eager",)) ->
 
 
 def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]], methods, *, max_new_tokens=128,
-                    progress=True, peers=None, sample: dict | None = None) -> list[dict]:
+                    progress=True, peers=None, sample: dict | None = None, settle: float = 0.0) -> list[dict]:
     """Every method on every prompt in turn (``hf``, ``hf-prompt-lookup``, a name in ``specs`` or in ``peers``, or
     ``hf`` / a spec / a peer with ``-sample``: sampled with ``sample``'s arguments); the first prompt of each set is
     marked as warm-up. One record per run, with token-identity to HF's greedy output (None for sampled runs; where it
-    differs, the first new token that does)."""
+    differs, the first new token that does).
+
+    ``settle``: seconds of idle before every run (untimed). On a shared VM a process's first forward after it sat
+    idle for a second runs slower (cold caches; ~25% on a prefill, docs/results.md), and every engine sits idle
+    while the others run except a method that follows another of the same process; the pause gives every run the
+    same start."""
     peers = peers or {}
     plain_peer = next(iter(peers), None)  # the first peer decodes plainly; its prefill is timed apart
     eos = _eos_ids(model)
@@ -142,6 +152,8 @@ def run_interleaved(model, specs: dict, prompt_sets: dict[str, list[list[int]]],
             for method in methods:
                 sampled = method.endswith("-sample")
                 engine = method.removesuffix("-sample")
+                if settle > 0:
+                    time.sleep(settle)
                 start = time.perf_counter()
                 with torch.no_grad():
                     if engine in peers:
@@ -562,7 +574,8 @@ def start_peers(args, model_path: Path, out: Path) -> dict:
 
 
 def run_bench_cli(args) -> None:
-
+    if args.settle < 0:
+        raise SystemExit(f"--settle must be 0 or more seconds, got {args.settle}")
     torch.set_num_threads(args.threads)
     model, tok = load_target(args.model)
     if args.drafter == "ngram":
@@ -585,7 +598,7 @@ def run_bench_cli(args) -> None:
         specs = build_specs(model, factory, budgets=args.budgets, backends=args.backends)
         result = run_bench(model, tok, factory, {k: v[:args.limit + 1] for k, v in sets.items()},
                            max_new_tokens=args.max_new_tokens, assisted=not args.no_assisted, peers=peers,
-                           specs=specs, sample=args.sample)
+                           specs=specs, sample=args.sample, settle=args.settle)
         result["peers"] = {name: {"vllm": p.version, "config": p.config.__dict__, "ld_preload": p.ld_preload}
                            for name, p in peers.items()}
         table = markdown(result["summary"], result["methods"])

@@ -268,3 +268,32 @@ def test_vllm_greedy_matches_hf_on_a_short_prompt(tmp_path):
     with VLLMPeer(cfg, python=python, log=tmp_path / "vllm.log") as peer:
         out = peer.generate([ids], 24, stop_token_ids=[model.generation_config.eos_token_id])
     assert out.outputs[0] == ref.tolist()
+
+
+def test_bench_settles_before_every_run_outside_the_timing(monkeypatch):
+    """``settle``: an idle pause before each run (every engine starts from the same idle machine), never timed."""
+    import jetspec_compile.bench as bench
+
+    model = make_model("llama")
+    model.generation_config.eos_token_id = None
+    spec = js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=128)
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
+
+    class Peer(GreedyPeer):
+        def generate(self, *args, **kwargs):
+            events.append(("run", "vllm"))
+            return super().generate(*args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    prompts = {"s": [torch.randint(3, 97, (n,), generator=g).tolist() for n in (6, 9)]}
+    methods = ["hf", "vllm", "jetspec-b4"]
+    records = run_interleaved(model, {"jetspec-b4": spec}, prompts, methods, max_new_tokens=4, progress=False,
+                              peers={"vllm": Peer(model)}, settle=0.25)
+    assert len(records) == 6 and events.count(("sleep", 0.25)) == 6
+    assert [e for e in events if e[0] == "run"] == [("run", "vllm")] * 2
+    assert all(events[i - 1] == ("sleep", 0.25) for i, e in enumerate(events) if e[0] == "run")
+    events.clear()
+    run_interleaved(model, {"jetspec-b4": spec}, prompts, methods, max_new_tokens=4, progress=False,
+                    peers={"vllm": Peer(model)})
+    assert ("sleep", 0.25) not in events and not any(e[0] == "sleep" and e[1] > 0 for e in events)
