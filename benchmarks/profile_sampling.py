@@ -1,12 +1,11 @@
 """Where a sampling step's time goes, against a greedy step, on the real model.
 
 SmolLM2-135M-Instruct with the shipped drafter (budget 8, eager backend) on general-chat prompts
-(``benchmarks/prompts/chat.jsonl``), speculating at every step (no fallback to plain decoding). For every prompt
-it runs greedy decoding and sampling (T, top-p as given) two ways: ``sample-scalar``, the node-by-node rules of
+(``benchmarks/prompts/chat.jsonl``), speculating at every step (no fallback to plain decoding). For every prompt it
+runs greedy decoding and sampling (T, top-p as given) two ways: ``sample-scalar``, the node-by-node rules of
 ``runtime/acceptance.py`` on best-first trees (what the runtime did before batched acceptance), and ``sample``, the
 runtime as it is (batched acceptance), both on the drafter's default (best-first) trees. It reports per step: drafter
-time,
-target-forward time and the rest (host: tree assembly, acceptance, KV commit), from ``spec.last_stats``; then a
+time, target-forward time and the rest (host: tree assembly, acceptance, KV commit), from ``spec.last_stats``; then a
 cProfile view of one sampled generation of each kind.
 
     python benchmarks/profile_sampling.py [--limit 4] [--temperature 0.7] [--top-p 0.9] [--threads 1]

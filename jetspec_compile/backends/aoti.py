@@ -9,10 +9,9 @@ weights, tap layers, shapes, torch version) so a stale or foreign package is rec
 The drafter's step (:class:`~jetspec_compile.drafter.step.DraftStep`; context length, new tokens and block
 count dynamic) is packaged the same way (:func:`export_drafter_aoti`).
 
-``optimize(model, backend="aoti", artifact_dir="compiled/")`` compiles each verify graph and the drafter step
-the first time and saves them there; later processes (a deployment) load the packages in milliseconds instead of
-compiling for
-minutes. The capture and passes (a few seconds) still run at start-up: they provide the cache layout and the
+``optimize(model, backend="aoti", artifact_dir="compiled/")`` compiles each verify graph and the drafter step the
+first time and saves them there; later processes (a deployment) load the packages in milliseconds instead of compiling
+for minutes. The capture and passes (a few seconds) still run at start-up: they provide the cache layout and the
 self-check.
 """
 

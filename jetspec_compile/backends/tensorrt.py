@@ -1,12 +1,11 @@
 """TensorRT engines for the verify step, built from the exported ONNX graph.
 
-Needs the ``tensorrt`` Python package and an NVIDIA GPU; both are imported lazily, so everything up to the ONNX
-file works (and is tested) without them. The engine has one optimization profile over the cache length
-(``min = N + 1``, ``opt``, ``max = max_cache_len``); the tree budget ``N`` and batch size are static, as in the
-ONNX graph. ``precision`` (``"fp32"``, ``"fp16"``, ``"bf16"``; default: the model's own dtype, so an fp32 model
-is not silently run in half precision) sets the builder flags. :class:`TrtVerifyStep` runs an engine behind the same
-call
-convention as the eager graph (CUDA tensors in, logits/hidden out, caches updated in place).
+Needs the ``tensorrt`` Python package and an NVIDIA GPU; both are imported lazily, so everything up to the ONNX file
+works (and is tested) without them. The engine has one optimization profile over the cache length (``min = N + 1``,
+``opt``, ``max = max_cache_len``); the tree budget ``N`` and batch size are static, as in the ONNX graph.
+``precision`` (``"fp32"``, ``"fp16"``, ``"bf16"``; default: the model's own dtype, so an fp32 model is not silently
+run in half precision) sets the builder flags. :class:`TrtVerifyStep` runs an engine behind the same call convention
+as the eager graph (CUDA tensors in, logits/hidden out, caches updated in place).
 
 Not exercised on the machines this project is developed on (no TensorRT wheel, no GPU): see the README.
 """

@@ -225,8 +225,7 @@ def _read_config(folder: Path, target) -> tuple[DrafterConfig, dict]:
     if hidden != tc.hidden_size or int(raw.get("target_hidden_size") or hidden) != tc.hidden_size:
         raise ValueError(f"{where}: a drafter {hidden} wide for a target of hidden size "
                          f"{raw.get('target_hidden_size') or hidden}; this target's is {tc.hidden_size} "
-                         "(jetspec_compile "
-                         "runs drafters as wide as their target)")
+                         "(jetspec_compile runs drafters as wide as their target)")
     problems = []
     vocab = int(layer.get("vocab_size", tc.vocab_size))
     if vocab != tc.vocab_size:

@@ -1,17 +1,15 @@
 """match_attention_bias: prove that each attention's mask is one the tree mask can replace, and find ALiBi.
 
 Expects a captured step whose attention ops are matched (after :func:`match_eager_attention`) and whose
-``position_ids`` input is still in place (before :func:`insert_tree_positions`). For every attention it
-evaluates the additive mask the model built, on the capture's positions ``0 .. N-1`` (twice, with different
-tokens: a mask that changes with them is refused), and checks what it is: a key may be visible exactly when it is
-causal and (on sliding-window layers, see
-:func:`~jetspec_compile.passes.insert_tree_mask.attention_windows`) less than the window behind the query; over
-the visible keys the mask may add, per head, ``slope · key position`` plus a per-query constant (ALiBi; a
-constant per query changes no softmax) and nothing else. Slopes are recorded in ``step.alibi_slopes``
-(``{layer: [H] float tensor}``) for :func:`insert_tree_alibi`. A mask that depends on token content, hides
-other keys, or adds any other bias raises, naming the layer, instead of being replaced by the tree mask.
-Graphs of fewer than 4 tokens say too little about how a bias varies with position; they are judged from a
-4-token capture of the same model.
+``position_ids`` input is still in place (before :func:`insert_tree_positions`). For every attention it evaluates the
+additive mask the model built, on the capture's positions ``0 .. N-1`` (twice, with different tokens: a mask that
+changes with them is refused), and checks what it is: a key may be visible exactly when it is causal and (on
+sliding-window layers, see :func:`~jetspec_compile.passes.insert_tree_mask.attention_windows`) less than the window
+behind the query; over the visible keys the mask may add, per head, ``slope · key position`` plus a per-query constant
+(ALiBi; a constant per query changes no softmax) and nothing else. Slopes are recorded in ``step.alibi_slopes``
+(``{layer: [H] float tensor}``) for :func:`insert_tree_alibi`. A mask that depends on token content, hides other keys,
+or adds any other bias raises, naming the layer, instead of being replaced by the tree mask. Graphs of fewer than 4
+tokens say too little about how a bias varies with position; they are judged from a 4-token capture of the same model.
 """
 
 from __future__ import annotations
