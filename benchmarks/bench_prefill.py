@@ -50,8 +50,9 @@ def main() -> None:
                 if rep:
                     times[name].append(time.perf_counter() - start)
         med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        own, packed = (med[name] for name in verifiers)
-        diff = float((logits[list(verifiers)[0]] - logits[list(verifiers)[1]]).abs().max())
+        own_name, packed_name = verifiers
+        own, packed = med[own_name], med[packed_name]
+        diff = float((logits[own_name] - logits[packed_name]).abs().max())
         rows.append({"tokens": length, "ms": med, "min_ms": {n: 1e3 * min(t) for n, t in times.items()},
                      "ratio": packed / own, "max_logit_diff": diff})
         cells = " | ".join(f"{med[n]:.0f} ({1e3 * min(times[n]):.0f})" for n in verifiers)

@@ -296,4 +296,4 @@ def test_bench_settles_before_every_run_outside_the_timing(monkeypatch):
     events.clear()
     run_interleaved(model, {"jetspec-b4": spec}, prompts, methods, max_new_tokens=4, progress=False,
                     peers={"vllm": Peer(model)})
-    assert ("sleep", 0.25) not in events and not any(e[0] == "sleep" and e[1] > 0 for e in events)
+    assert not any(e[0] == "sleep" and e[1] > 0 for e in events)

@@ -42,8 +42,8 @@ __all__ = ["MIN_ROWS", "MAX_ROWS", "PREFILL_ROWS", "CPU_LINEAR_KERNELS", "availa
            "choose_kernel", "pack_weight", "run_packed", "packed_weight", "packed_linear", "prepack_supported",
            "PackedLinear", "with_packed_linears", "PackedLinearMode", "TIMINGS"]
 
-#: row counts (batch x tree nodes) whose linears are packed: one row is a GEMV (no packing to save), and above
-#: MAX_ROWS the GEMM's own packing is amortised (the 64-token prefill chunk runs once per prompt)
+#: row counts (batch x tree nodes) whose linears are packed per count: one row is a GEMV (no packing to save); above
+#: MAX_ROWS a graph is a prefill chunk, run once per prompt (the model's own prefill packs once, PREFILL_ROWS)
 MIN_ROWS, MAX_ROWS = 2, 32
 
 #: the row count a prefill's weights are packed for (one copy for every prompt length; see the module docstring)
@@ -179,7 +179,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     key = rows if pack_rows is None else pack_rows
-    if ((MIN_ROWS <= rows <= MAX_ROWS if pack_rows is None else rows >= MIN_ROWS)
+    if (MIN_ROWS <= rows and (pack_rows is not None or rows <= MAX_ROWS)
             and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
             and x.device.type == "cpu" and not torch.is_grad_enabled() and prepack_supported()):
         kernel, packed = packed_weight(weight, key, setting)
