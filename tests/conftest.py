@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from tests.fake_vllm import fake_python  # noqa: F401  (a fixture: a peer Python running a stand-in vllm)
+
 # Two cores shared with whatever else runs: one intra-op thread keeps small matmuls predictable.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -21,8 +21,8 @@ LAYERS = [
     ("drafter",),
     ("backends",),
     ("runtime",),
-    ("models", "targets", "training"),
-    ("", "bench", "peers"),  # "": the package's own __init__ (the public API)
+    ("models", "targets", "peers", "training"),  # peers: clients of other engines, used by bench and training
+    ("", "bench"),  # "": the package's own __init__ (the public API)
     ("cli",),
 ]
 

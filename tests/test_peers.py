@@ -6,8 +6,6 @@ greedy output against HF's."""
 from __future__ import annotations
 
 import os
-import stat
-import sys
 from argparse import Namespace
 
 import pytest
@@ -20,81 +18,6 @@ from jetspec_compile.drafter import NGramDrafter
 from jetspec_compile.peers import PeerConfig, PeerResult, PeerUnavailable, VLLMPeer, find_peer_python
 
 from .families import make_model
-
-# A stand-in for vLLM's offline API as the worker uses it: "generation" counts up from the last prompt token and
-# stops after a stop token; the n-gram method reports speculation counters like vLLM's metrics reader.
-FAKE_VLLM = '''
-import os
-__version__ = "0.0-fake"
-
-class SamplingParams:
-    def __init__(self, max_tokens, temperature=1.0, top_p=1.0, stop_token_ids=(), detokenize=True, seed=None):
-        assert not detokenize
-        self.max_tokens, self.stop = max_tokens, list(stop_token_ids)
-        # "sampling" here: count up in steps of 2 from the last prompt token plus the seed
-        self.stride, self.offset = (2, seed) if temperature > 0 else (1, 0)
-        self.top_p = top_p
-
-class _Metric:
-    def __init__(self, name, value):
-        self.name, self.value = name, value
-
-class _Out:
-    def __init__(self, ids):
-        self.token_ids = ids
-
-class _RequestOutput:
-    def __init__(self, ids):
-        self.outputs = [_Out(ids)]
-
-class LLM:
-    def __init__(self, **kwargs):
-        if os.environ.get("FAKE_VLLM_FAIL"):
-            raise RuntimeError("engine core failed to start")
-        assert kwargs["dtype"] == "float32" and kwargs["skip_tokenizer_init"] and not kwargs["disable_log_stats"]
-        assert os.environ["VLLM_DISABLE_COMPILE_CACHE"] == "1"  # a stale compile cache has crashed engine starts
-        self.spec = kwargs.get("speculative_config")
-        self.steps = 0
-        print("vLLM log line on stdout")  # must not reach the protocol channel
-
-    def generate(self, prompts, params, use_tqdm=True):
-        outs = []
-        for p in prompts:
-            ids, t = [], p["prompt_token_ids"][-1] + params.offset
-            while len(ids) < params.max_tokens:
-                t = (t + params.stride) % 50
-                ids.append(t)
-                self.steps += 1
-                if t in params.stop:
-                    break
-            outs.append(_RequestOutput(ids))
-        return outs
-
-    def reset_prefix_cache(self):
-        return not os.environ.get("FAKE_VLLM_NO_RESET")
-
-    def get_metrics(self):
-        if not self.spec:
-            return [_Metric("vllm:num_requests_running", 0)]
-        return [_Metric("vllm:spec_decode_num_drafts", self.steps), _Metric("vllm:spec_decode_num_accepted_tokens",
-                2 * self.steps), _Metric("vllm:spec_decode_num_draft_tokens", 8 * self.steps)]
-'''
-
-
-@pytest.fixture
-def fake_python(tmp_path):
-    """A 'peer Python': this interpreter with a stand-in vllm package first on its path (the bench strips the
-    caller's PYTHONPATH, as a real peer venv must not see this package's environment)."""
-    pkg = tmp_path / "fake" / "vllm"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(FAKE_VLLM)
-    (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n"
-                                   "    return {'prompt_token_ids': prompt_token_ids}\n")
-    script = tmp_path / "python"
-    script.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'fake'} exec {sys.executable} \"$@\"\n")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
-
 
 def test_worker_protocol_outputs_stop_tokens_and_spec_counters(fake_python, tmp_path):
     log = tmp_path / "worker.log"
@@ -268,6 +191,24 @@ def test_vllm_greedy_matches_hf_on_a_short_prompt(tmp_path):
     with VLLMPeer(cfg, python=python, log=tmp_path / "vllm.log") as peer:
         out = peer.generate([ids], 24, stop_token_ids=[model.generation_config.eos_token_id])
     assert out.outputs[0] == ref.tolist()
+
+
+@pytest.mark.peers
+def test_vllm_regeneration_equals_hf_regeneration(tmp_path):
+    """``train-drafter --generator vllm``'s data: the real vLLM engine, batched, writes HF's own greedy responses."""
+    from jetspec_compile.models import load_smollm2
+    from jetspec_compile.prompts import load_prompts
+    from jetspec_compile.training.data import read_sequences, regenerate
+    from jetspec_compile.training.recipe import Recipe, response_engine
+
+    python = _peer_python_or_skip()
+    model, tok = load_smollm2()
+    prompts = [("sharegpt", p) for p in load_prompts("sharegpt", "train", 4)]
+    regenerate(model, tok, prompts, tmp_path / "hf.jsonl", max_new_tokens=24, batch_size=4)
+    with response_engine(model, Recipe(generator="vllm", gen_batch=4), max_tokens=512, python=python,
+                         log=tmp_path / "vllm.log") as engine:
+        regenerate(None, tok, prompts, tmp_path / "vllm.jsonl", max_new_tokens=24, batch_size=4, engine=engine)
+    assert read_sequences(tmp_path / "vllm.jsonl") == read_sequences(tmp_path / "hf.jsonl")
 
 
 def test_bench_settles_before_every_run_outside_the_timing(monkeypatch):

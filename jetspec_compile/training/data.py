@@ -3,6 +3,11 @@
 :func:`regenerate` runs the target's own greedy decoding on chat prompts (batched, left-padded) and appends one
 JSON line per sequence (``{"set", "prompt_ids", "response_ids"}``) to a JSONL file, so an interrupted run resumes
 where it stopped. Training on the target's own outputs is what makes a drafter accept long (DESIGN.md).
+
+The responses come from HF ``generate`` on the model, or from a started vLLM peer
+(:class:`~jetspec_compile.peers.VLLMPeer`, ``engine=``) serving the same checkpoint: its continuous batching
+regenerates several times faster on a CPU, and its greedy tokens are the model's own (tested in
+``tests/test_peers.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from ..prompts import encode_chat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["regenerate", "read_sequences"]
+__all__ = ["regenerate", "read_sequences", "MAX_PROMPT_TOKENS"]
+
+#: prompts are cut to their last this many tokens before regeneration
+MAX_PROMPT_TOKENS = 384
 
 
 def read_sequences(path: str | Path) -> list[dict]:
@@ -40,15 +48,53 @@ def read_sequences(path: str | Path) -> list[dict]:
     return records
 
 
+def _generate_hf(model, pad: int, chunk: list, max_new_tokens: int, sampling: dict | None) -> list[list[int]]:
+    """New tokens per ``(set, ids, sample)`` of ``chunk`` from HF ``generate``, left-padded into one batch."""
+    width = max(len(ids) for _, ids, _ in chunk)
+    input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, (_, ids, _) in enumerate(chunk):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        mask[row, width - len(ids):] = 1
+    decoding = {"do_sample": False}
+    if sampling:
+        torch.manual_seed(sampling["seed"])
+        decoding = {"do_sample": True, "temperature": sampling["temperature"], "top_k": 0, "top_p": 1.0}
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **decoding)
+    return out[:, width:].tolist()
+
+
+def _generate_peer(engine, eos, chunk: list, max_new_tokens: int, sampling: dict | None) -> list[list[int]]:
+    """New tokens per ``(set, ids, sample)`` of ``chunk`` from a vLLM peer, as concurrent requests. Sampled
+    requests are seeded per sample index, so the draws of one prompt differ."""
+    stop = [] if eos is None else [eos]
+    if not sampling:
+        return engine.generate([ids for _, ids, _ in chunk], max_new_tokens, stop_token_ids=stop).outputs
+    outputs = [None] * len(chunk)
+    for k in sorted({k for _, _, k in chunk}):
+        rows = [row for row, (_, _, kk) in enumerate(chunk) if kk == k]
+        res = engine.generate([chunk[row][1] for row in rows], max_new_tokens, stop_token_ids=stop,
+                              temperature=sampling["temperature"], seed=sampling["seed"] + 7919 * k)
+        for row, tokens in zip(rows, res.outputs):
+            outputs[row] = tokens
+    return outputs
+
+
 def regenerate(model, tokenizer, prompts: Iterable[tuple[str, str]], out_path: str | Path, *,
-               max_new_tokens: int = 160, batch_size: int = 16, max_prompt_tokens: int = 384,
-               samples: int = 0, temperature: float = 0.7, seed: int = 0) -> Path:
+               max_new_tokens: int = 160, batch_size: int = 16, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+               samples: int = 0, temperature: float = 0.7, seed: int = 0, engine=None) -> Path:
     """Greedy-decode every ``(set_name, prompt)`` with ``model`` and append the results to ``out_path``.
 
     ``samples > 0`` instead draws that many sampled responses per prompt (``temperature``, seeded per batch): more
     sequences from the target's own distribution where a prompt set is small (HumanEval's train split has 123
     problems). Records carry ``"sample": k`` (greedy ones have none). What is already in ``out_path`` (same
     token ids and sample index) is skipped, which makes the call resumable.
+
+    ``engine``: a started :class:`~jetspec_compile.peers.VLLMPeer` on the same checkpoint generates instead of
+    ``model`` (``batch_size`` prompts per call, run as concurrent requests); ``model`` is then unused. Its sampled
+    responses follow the same distribution but are other draws than HF's for the same seed.
     """
     if samples < 0 or (samples and temperature <= 0):
         raise ValueError(f"samples must be >= 0 and temperature > 0 when sampling, got {samples}, {temperature}")
@@ -63,26 +109,19 @@ def regenerate(model, tokenizer, prompts: Iterable[tuple[str, str]], out_path: s
                 todo.append((name, ids, k))
     todo.sort(key=lambda x: (len(x[1]), x[2] or 0))  # similar lengths per batch: less padding
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bar = tqdm(total=len(todo), desc="regenerating responses", unit="seq")
+    eos = tokenizer.eos_token_id
+    bar = tqdm(total=len(todo), desc="regenerating responses" + (" (vLLM)" if engine is not None else ""),
+               unit="seq")
     with open(out_path, "a", encoding="utf-8") as fh:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            width = max(len(ids) for _, ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, (_, ids, _) in enumerate(chunk):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                mask[row, width - len(ids):] = 1
-            decoding = {"do_sample": False}
-            if samples:
-                torch.manual_seed(seed * 1_000_003 + i)  # deterministic for a seed (per batch)
-                decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     pad_token_id=pad, **decoding)
-            for row, (name, ids, k) in enumerate(chunk):
-                response = out[row, width:].tolist()
-                eos = tokenizer.eos_token_id
+            sampling = {"seed": seed * 1_000_003 + i, "temperature": temperature} if samples else None
+            if engine is None:
+                responses = _generate_hf(model, pad, chunk, max_new_tokens, sampling)
+            else:
+                responses = _generate_peer(engine, eos, chunk, max_new_tokens, sampling)
+            for (name, ids, k), response in zip(chunk, responses):
+                response = list(response)
                 if eos in response:
                     response = response[:response.index(eos) + 1]
                 rec = {"set": name, "prompt_ids": ids, "response_ids": response}

@@ -1,4 +1,5 @@
-"""Self-distillation data: greedy and sampled regeneration, resumable, deterministic for a seed."""
+"""Self-distillation data: greedy and sampled regeneration, resumable, deterministic for a seed; by HF ``generate``
+or by a vLLM peer (a stand-in vllm package here, see ``tests/fake_vllm.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import pytest
 import torch
 
+from jetspec_compile.peers import PeerConfig, VLLMPeer
 from jetspec_compile.training.data import read_sequences, regenerate
+from jetspec_compile.training.recipe import Recipe, response_engine
 from tests.families import VOCAB, make_model
 
 
@@ -72,3 +75,69 @@ def test_bad_sampling_options_are_refused(model, tmp_path, samples, temperature)
     with pytest.raises(ValueError, match="samples must be"):
         regenerate(model, CharTokenizer(), PROMPTS, tmp_path / "x.jsonl", samples=samples, temperature=temperature)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def _fake_answer(prompt_ids, max_new_tokens, seed=None, eos=2):
+    """What the stand-in vLLM generates: counting up from the last prompt token (by 2 from it plus the seed when
+    sampling), mod 50, stopping after EOS."""
+    ids, t = [], prompt_ids[-1] + (seed or 0)
+    while len(ids) < max_new_tokens:
+        t = (t + (1 if seed is None else 2)) % 50
+        ids.append(t)
+        if t == eos:
+            break
+    return ids
+
+
+def test_regeneration_by_a_vllm_peer_writes_its_answers_and_resumes(fake_python, tmp_path):
+    out = tmp_path / "data.jsonl"
+    with VLLMPeer(PeerConfig(model="m", threads=1, preload=False), python=fake_python) as peer:
+        regenerate(None, CharTokenizer(), PROMPTS, out, max_new_tokens=60, batch_size=2, engine=peer)
+        records = read_sequences(out)
+        assert len(records) == len(PROMPTS) and all("sample" not in r for r in records)
+        for rec in records:  # its tokens as answered, cut after EOS (the fake always reaches it within 60)
+            assert rec["response_ids"] == _fake_answer(rec["prompt_ids"], 60) and rec["response_ids"][-1] == 2
+        size = out.stat().st_size
+        regenerate(None, CharTokenizer(), PROMPTS, out, max_new_tokens=60, batch_size=2, engine=peer)
+        assert out.stat().st_size == size, "a second run over the same prompts must append nothing"
+        regenerate(None, CharTokenizer(), PROMPTS, out, max_new_tokens=5, batch_size=6, samples=2, seed=3,
+                   engine=peer)
+    sampled = [r for r in read_sequences(out) if "sample" in r]
+    assert sorted(r["sample"] for r in sampled) == [0, 0, 0, 1, 1, 1]
+    for rec in sampled:  # one seed per sample index: the two draws of a prompt differ
+        assert rec["response_ids"] == _fake_answer(rec["prompt_ids"], 5, seed=3 * 1_000_003 + 7919 * rec["sample"])
+    by_prompt = {}
+    for rec in sampled:
+        by_prompt.setdefault(tuple(rec["prompt_ids"]), set()).add(tuple(rec["response_ids"]))
+    assert all(len(v) == 2 for v in by_prompt.values())
+
+
+def test_recipe_refuses_an_unknown_generator():
+    with pytest.raises(ValueError, match="generator must be one of"):
+        Recipe(generator="llamacpp")
+    with pytest.raises(ValueError, match="gen_batch must be >= 1"):
+        Recipe(gen_batch=0)
+
+
+def test_vllm_generator_serves_the_models_folder_with_room_for_every_request(model, fake_python, tmp_path,
+                                                                            monkeypatch):
+    recipe = Recipe(generator="vllm", gen_batch=8)
+    with pytest.raises(ValueError, match="not loaded from one"):
+        with response_engine(model, recipe, max_tokens=512, python=fake_python):
+            pass
+    with response_engine(model, Recipe(), max_tokens=512) as engine:
+        assert engine is None  # "hf": the model itself generates
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    model.name_or_path = str(folder)
+    record = tmp_path / "engine.json"
+    monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
+    with response_engine(model, recipe, max_tokens=512, python=fake_python) as engine:
+        assert engine.generate([[5, 6]], 3).outputs == [[7, 8, 9]]
+    built = json.loads(record.read_text())
+    assert built["model"] == str(folder) and built["dtype"] == "float32" and built["max_num_seqs"] == 8
+    assert built["max_model_len"] == 512 and built["threads_bind"] == f"0-{torch.get_num_threads() - 1}"
+    c = model.config
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert int(built["kv_cache_gib"]) * 2**30 >= kv_bytes * 512 * 8
+    assert engine._proc.poll() is not None, "the engine must be closed on leaving the block"
