@@ -144,7 +144,8 @@ def response_engine(model, recipe: Recipe, *, max_tokens: int, python=None, log=
     """What :func:`~jetspec_compile.training.data.regenerate` generates with: None (the model itself) for
     ``generator="hf"``; for ``"vllm"`` a started :class:`~jetspec_compile.peers.VLLMPeer` serving the folder
     ``model`` was loaded from (same dtype, this process's thread count, ``gen_batch`` concurrent requests of up
-    to ``max_tokens`` tokens), closed on exit so that it holds no cores or memory afterwards."""
+    to ``max_tokens`` tokens), started on first use and closed on exit so that it holds no cores or memory
+    afterwards."""
     if recipe.generator == "hf":
         yield None
         return
@@ -164,8 +165,28 @@ def response_engine(model, recipe: Recipe, *, max_tokens: int, python=None, log=
     gib = max(1, math.ceil(1.25 * per_token * max_tokens * recipe.gen_batch / 2**30))  # every request at once
     cfg = PeerConfig(model=str(folder), dtype=str(model.dtype).removeprefix("torch."), max_model_len=max_tokens,
                      max_num_seqs=recipe.gen_batch, kv_cache_gib=gib, threads=torch.get_num_threads())
-    with VLLMPeer(cfg, python=python, log=log) as peer:
-        yield peer
+    engine = _StartedOnUse(lambda: VLLMPeer(cfg, python=python, log=log))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+class _StartedOnUse:
+    """A peer started by its first ``generate`` call: a resumed run with nothing left to regenerate never waits
+    for an engine to start."""
+
+    def __init__(self, start):
+        self._start, self.peer = start, None
+
+    def generate(self, *args, **kwargs):
+        if self.peer is None:
+            self.peer = self._start()
+        return self.peer.generate(*args, **kwargs)
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
 
 
 def train_from_prompts(model, tokenizer, recipe: Recipe, out: str | Path, *, data_path: str | Path,

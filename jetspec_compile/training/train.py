@@ -29,6 +29,7 @@ from ..capture import find_decoder_layers, text_config
 from ..drafter.checkpoint import load_drafter, save_drafter
 from ..drafter.model import DrafterConfig, ParallelDrafter
 from ..io import atomic_file, model_fingerprint
+from ..kernels.cpu_linear import PackedLinearMode
 from ..runtime.verifier import TreeVerifier
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,10 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
     """Run the target once per sequence; return ``[(ids [T], hidden [T, K*H] fp16, prompt_len)]``.
 
     The features are what feeds the drafter at inference: the outputs of the tapped decoder layers. When no tap
-    is the last layer they are read from one plain HF forward (``output_hidden_states``: entry ``i + 1`` is
-    layer ``i``'s output), which is several times faster than the verify graph's chunked prefill; a tap on the
+    is the last layer they are read from one plain HF forward of the model's body, without its LM head
+    (``output_hidden_states``: entry ``i + 1`` is layer ``i``'s output), which is several times faster than the
+    verify graph's chunked prefill; on CPU its linears run on packed weights
+    (:class:`~jetspec_compile.kernels.cpu_linear.PackedLinearMode`, as the runtime's prefill does). A tap on the
     last layer goes through the verify graph itself (:meth:`TreeVerifier.prefill`), because HF returns that
     layer after the final norm.
 
@@ -102,6 +105,10 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
     taps = tuple(tap_layers)
     tc = text_config(target)
     plain = max(taps) < tc.num_hidden_layers - 1
+    body = getattr(target, getattr(target, "base_model_prefix", "") or "", None)
+    if not isinstance(body, torch.nn.Module) or body is target:
+        body = target  # no separate body: the whole model (its logits are computed and dropped)
+    packed = PackedLinearMode()
     verifier = None
     folder = None if cache_dir is None else Path(cache_dir) / model_fingerprint(target)[:16]
     if folder is not None:
@@ -122,7 +129,8 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
                 bar.set_postfix(cached=hits)
                 continue
         if plain:
-            states = target(input_ids=ids[None], output_hidden_states=True, use_cache=False).hidden_states
+            with packed:
+                states = body(input_ids=ids[None], output_hidden_states=True, use_cache=False).hidden_states
             hidden = torch.cat([states[i + 1][0] for i in taps], dim=-1)
         else:
             if verifier is None:

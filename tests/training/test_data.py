@@ -132,6 +132,9 @@ def test_vllm_generator_serves_the_models_folder_with_room_for_every_request(mod
     model.name_or_path = str(folder)
     record = tmp_path / "engine.json"
     monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
+    with response_engine(model, recipe, max_tokens=512, python=fake_python):
+        pass  # nothing to regenerate: no engine is started
+    assert not record.exists()
     with response_engine(model, recipe, max_tokens=512, python=fake_python) as engine:
         assert engine.generate([[5, 6]], 3).outputs == [[7, 8, 9]]
     built = json.loads(record.read_text())
@@ -140,4 +143,4 @@ def test_vllm_generator_serves_the_models_folder_with_room_for_every_request(mod
     c = model.config
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     assert int(built["kv_cache_gib"]) * 2**30 >= kv_bytes * 512 * 8
-    assert engine._proc.poll() is not None, "the engine must be closed on leaving the block"
+    assert engine.peer._proc.poll() is not None, "the engine must be closed on leaving the block"

@@ -127,11 +127,15 @@ def test_growing_a_trained_drafter_keeps_what_it_computes_then_trains_the_new_la
 
 def test_feature_cache_skips_the_target_and_never_serves_stale_features(setup, tmp_path, caplog):
     target, feats, _ = setup
-    taps = (0, 1)  # no last-layer tap: features come from target.forward, which the hook counts
+    taps = (0, 1)  # no last-layer tap: features come from the body's forward (no LM head), which the hook counts
     records = [{"prompt_ids": f[0][:f[2]].tolist(), "response_ids": f[0][f[2]:].tolist()} for f in feats[:5]]
     reference = compute_features(target, records, taps, progress=False)
+    with torch.no_grad():  # the whole model's hidden states, linears unpacked
+        states = target(input_ids=feats[0][0][None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(reference[0][1].float(), torch.cat([states[1][0], states[2][0]], -1), atol=2e-3,
+                               rtol=2e-3)  # fp16 storage
     calls = {"n": 0}
-    hook = target.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    hook = target.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     try:
         first = compute_features(target, records, taps, progress=False, cache_dir=tmp_path)
         assert calls["n"] == 5
