@@ -24,8 +24,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) examples/demo.py
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), each with one intra-op thread (tests/conftest.py); a
+# file's tests stay on one worker, so its module fixtures (compiled graphs, loaded models) are built once.
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
