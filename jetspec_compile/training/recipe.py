@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..capture import text_config
 from ..drafter import CorpusIndex, ParallelDrafter, load_corpus, load_drafter, save_drafter
 from ..drafter.model import DrafterConfig
 from ..drafter.vocab import frequent_tokens
@@ -142,10 +143,10 @@ def continued_shape(start: DrafterConfig, recipe: Recipe) -> DrafterConfig:
 @contextlib.contextmanager
 def response_engine(model, recipe: Recipe, *, max_tokens: int, python=None, log=None):
     """What :func:`~jetspec_compile.training.data.regenerate` generates with: None (the model itself) for
-    ``generator="hf"``; for ``"vllm"`` a started :class:`~jetspec_compile.peers.VLLMPeer` serving the folder
-    ``model`` was loaded from (same dtype, this process's thread count, ``gen_batch`` concurrent requests of up
-    to ``max_tokens`` tokens), started on first use and closed on exit so that it holds no cores or memory
-    afterwards."""
+    ``generator="hf"``; for ``"vllm"`` a :class:`~jetspec_compile.peers.VLLMPeer` serving the folder ``model``
+    was loaded from (same dtype, this process's thread count, ``gen_batch`` concurrent requests of up to
+    ``max_tokens`` tokens, a KV cache sized for all of them), started by its first ``generate`` call and closed
+    on exit so that it holds no cores or memory afterwards."""
     if recipe.generator == "hf":
         yield None
         return
@@ -158,7 +159,7 @@ def response_engine(model, recipe: Recipe, *, max_tokens: int, python=None, log=
         raise ValueError(f"generator 'vllm' serves the model from its checkpoint folder, and this model was not "
                          f"loaded from one (name_or_path {str(folder)!r}); load it with from_pretrained(<folder>) "
                          "or regenerate with generator 'hf'")
-    c = model.config
+    c = text_config(model)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
