@@ -121,7 +121,6 @@ def regenerate(model, tokenizer, prompts: Iterable[tuple[str, str]], out_path: s
             else:
                 responses = _generate_peer(engine, eos, chunk, max_new_tokens, sampling)
             for (name, ids, k), response in zip(chunk, responses):
-                response = list(response)
                 if eos in response:
                     response = response[:response.index(eos) + 1]
                 rec = {"set": name, "prompt_ids": ids, "response_ids": response}

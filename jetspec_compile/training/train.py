@@ -105,9 +105,7 @@ def compute_features(target, records: list[dict], tap_layers, max_len: int = 512
     taps = tuple(tap_layers)
     tc = text_config(target)
     plain = max(taps) < tc.num_hidden_layers - 1
-    body = getattr(target, getattr(target, "base_model_prefix", "") or "", None)
-    if not isinstance(body, torch.nn.Module) or body is target:
-        body = target  # no separate body: the whole model (its logits are computed and dropped)
+    body = getattr(target, "base_model", target)  # HF's body without the LM head (the model itself if none)
     packed = PackedLinearMode()
     verifier = None
     folder = None if cache_dir is None else Path(cache_dir) / model_fingerprint(target)[:16]
