@@ -52,6 +52,8 @@ class CapturedStep:
             (``functionalize_kv_writes``).
         alibi_slopes: per decoder layer with an ALiBi bias, its ``[H]`` slopes (recorded by
             ``match_attention_bias``, read by ``insert_tree_alibi``).
+        lm_head: the LM head the graph no longer computes (``split_lm_head``): the graph returns the head's input
+            instead of the logits, and the runtime applies this :class:`~jetspec_compile.kernels.lm_head.LMHead`.
     """
 
     graph_module: torch.fx.GraphModule
@@ -66,6 +68,7 @@ class CapturedStep:
     windows: tuple[int | None, ...] | None = None
     functional_kv: bool = False
     alibi_slopes: dict[int, torch.Tensor] = field(default_factory=dict)
+    lm_head: object | None = None
 
     @property
     def config(self):
@@ -76,7 +79,8 @@ class CapturedStep:
         """The rewritten step's inputs and outputs (after the tree-verify pipeline)."""
         if self.kv is None or self.tap_layers is None:
             raise RuntimeError("the step has no verify interface yet: run the tree-verify pipeline on it first")
-        return VerifyInterface(self.batch_size, self.budget, self.kv, self.tap_layers, self.functional_kv)
+        return VerifyInterface(self.batch_size, self.budget, self.kv, self.tap_layers, self.functional_kv,
+                               self.lm_head is not None)
 
 
 class _StepModule(nn.Module):

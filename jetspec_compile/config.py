@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "PRECISIONS"]
+__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "LM_HEADS", "PRECISIONS"]
 
 BACKENDS = ("eager", "inductor", "aoti", "onnxruntime", "tensorrt")
 #: candidates of ``budget="auto"``
 AUTO_BUDGETS = (4, 8, 16, 32)
 #: packed-GEMM settings of fp32 CPU linears, and TensorRT engine precisions
 CPU_LINEARS = ("auto", "mkl", "onednn")
+#: where greedy verification takes the argmax of the LM head (``lm_head``)
+LM_HEADS = ("auto", "certified", "exact")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -34,6 +36,10 @@ class JetSpecConfig:
         cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``, and every backend's prompt prefill):
             ``"auto"`` (measure both per weight shape), ``"mkl"`` or ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``,
             else ``"auto"``.
+        lm_head: ``eager`` and ``inductor`` on CPU: ``"certified"`` takes the LM head out of the verify graph and
+            finds greedy verification's argmax from a bf16 copy of its weight, proved equal to the fp32 argmax
+            (:mod:`jetspec_compile.kernels.lm_head`); ``"exact"`` keeps the fp32 head in the graph; ``"auto"``
+            certifies where that measured faster on this CPU. None: ``$JETSPEC_LM_HEAD``, else ``"auto"``.
         precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's dtype.
         max_batch: most rows one speculative loop serves when ``generate`` calls overlap (threads): waiting greedy
             calls with the same ``max_new_tokens`` share one left-padded batch. 1: overlapping calls only take
@@ -49,6 +55,7 @@ class JetSpecConfig:
     self_check: bool = True
     artifact_dir: str | None = None
     cpu_linear: str | None = None
+    lm_head: str | None = None
     precision: str | None = None
     max_batch: int = 1
 
@@ -63,6 +70,8 @@ class JetSpecConfig:
                              f"got {self.max_cache_len!r}")
         if self.cpu_linear not in (None, *CPU_LINEARS):
             raise ValueError(f"cpu_linear must be one of {CPU_LINEARS} or None, got {self.cpu_linear!r}")
+        if self.lm_head not in (None, *LM_HEADS):
+            raise ValueError(f"lm_head must be one of {LM_HEADS} or None, got {self.lm_head!r}")
         if self.precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:

@@ -17,7 +17,8 @@ name                 shape, dtype            meaning
 ``k_cache_l``        ``[B, H_kv, L, D]``     layer ``l``'s keys (``v_cache_l``: values), written in place
 ===================  ======================  =======================================================
 
-and returns ``logits [B, N, V]`` and ``hidden [B, N, K*H]`` (the tapped layers), plus, for a graph whose cache
+and returns ``logits [B, N, V]`` (``head_input [B, N, H]``, the LM head's input, where a lowering left the head
+to the runtime) and ``hidden [B, N, K*H]`` (the tapped layers), plus, for a graph whose cache
 writes were made functional for export, ``k_new_l`` / ``v_new_l [B, H_kv, N, D]`` per layer. ``L`` is the only
 dynamic dimension.
 """
@@ -30,7 +31,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["INPUT_IDS", "BASE_POSITION", "DEPTH", "WRITE_SLOTS", "TREE_MASK", "CACHE_VALID", "CACHE_POSITIONS",
-           "LOGITS", "HIDDEN", "cache_name", "new_kv_name", "KVLayout", "VerifyInterface"]
+           "LOGITS", "HEAD_INPUT", "HIDDEN", "cache_name", "new_kv_name", "KVLayout", "VerifyInterface"]
 
 INPUT_IDS = "input_ids"
 BASE_POSITION = "base_position"
@@ -40,6 +41,7 @@ TREE_MASK = "tree_mask"
 CACHE_VALID = "cache_valid"
 CACHE_POSITIONS = "cache_positions"
 LOGITS = "logits"
+HEAD_INPUT = "head_input"
 HIDDEN = "hidden"
 
 #: the inputs before the per-layer caches, in graph order
@@ -93,6 +95,7 @@ class VerifyInterface:
         kv: the cache layout.
         tap_layers: the decoder layers whose outputs ``hidden`` concatenates.
         functional_kv: the step returns its new keys/values instead of writing the caches (exports).
+        split_head: the step returns the LM head's input instead of the logits (``split_lm_head``).
     """
 
     batch_size: int
@@ -100,6 +103,7 @@ class VerifyInterface:
     kv: KVLayout
     tap_layers: tuple[int, ...]
     functional_kv: bool = False
+    split_head: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -107,7 +111,8 @@ class VerifyInterface:
 
     @property
     def output_names(self) -> list[str]:
-        return [LOGITS, HIDDEN, *(self.kv.new_kv_names() if self.functional_kv else [])]
+        first = HEAD_INPUT if self.split_head else LOGITS
+        return [first, HIDDEN, *(self.kv.new_kv_names() if self.functional_kv else [])]
 
     @staticmethod
     def length_dim(name: str) -> int | None:

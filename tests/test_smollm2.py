@@ -60,7 +60,7 @@ def test_smollm2_generate_is_lossless_with_streamer(smollm2):
     import jetspec_compile as js
 
     model, tok = smollm2
-    spec = js.optimize(model, budget=12, max_cache_len=512)
+    spec = js.optimize(model, budget=12, max_cache_len=512, lm_head="exact")  # the fp32 head in the graph
     messages = [{"role": "user", "content": "Rewrite with type hints:\ndef add(a, b):\n    return a + b\n"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
     streamer = TextIteratorStreamer(tok, skip_prompt=True)
@@ -90,7 +90,8 @@ def test_shipped_drafter_is_lossless_on_held_out_prompts_and_beats_chance(smollm
 
     model, tok = smollm2
     prompts = [encode_chat(tok, p) for p in load_prompts("gsm", "test", 2)]
-    spec = js.attach_drafter(model, "smollm2", budget=8, max_cache_len=512, fallback=False)
+    # greedy verification's argmax from the bf16 copy of the head, certified (kernels/lm_head.py)
+    spec = js.attach_drafter(model, "smollm2", budget=8, max_cache_len=512, fallback=False, lm_head="certified")
     accepted = steps = 0
     for ids in prompts:
         x = torch.tensor([ids])
@@ -101,6 +102,8 @@ def test_shipped_drafter_is_lossless_on_held_out_prompts_and_beats_chance(smollm
         steps += sum(hist.values())
         accepted += sum(k * v for k, v in hist.items())
     assert accepted / steps > 1.5  # a broken or foreign checkpoint gives ~1.0
+    head = spec.verifier(1).head
+    assert head is not None and head.rows > 0 and head.fallbacks == 0
     assert spec.drafter.model.cfg.draft_vocab_size == 4096  # the shipped drafter drafts its frequent tokens
     assert spec.drafter.corpus is not None and len(spec.drafter.corpus) > 100_000  # and the target's phrases
 

@@ -26,7 +26,8 @@ import torch
 from ..config import BACKENDS as BACKEND_NAMES
 from ..config import JetSpecConfig
 from ..kernels.cpu_linear import kernel_setting
-from ..passes import LOWERING_PASSES, PassManager, prepack_linear_weights
+from ..kernels.lm_head import lm_head_setting
+from ..passes import LOWERING_PASSES, PassManager, prepack_linear_weights, split_lm_head
 from .aoti import lower_aoti, lower_drafter_aoti
 from .inductor import lower_inductor
 from .onnx import lower_onnxruntime
@@ -44,23 +45,27 @@ class LoweringOptions:
         artifact_dir: folder of compiled packages (``aoti``; default: the cache folder).
         cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``, and every backend's prompt prefill):
             ``"auto"``, ``"mkl"``, ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
+        lm_head: ``eager`` and ``inductor`` on CPU: ``"auto"``, ``"certified"``, ``"exact"``
+            (:func:`~jetspec_compile.passes.split_lm_head`); None: ``$JETSPEC_LM_HEAD``, else ``"auto"``.
         max_cache_len: longest cache a built engine must accept (``tensorrt``'s optimisation profile).
         precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's own dtype.
     """
 
     artifact_dir: str | None = None
     cpu_linear: str | None = None
+    lm_head: str | None = None
     max_cache_len: int = 2048
     precision: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cpu_linear", kernel_setting(self.cpu_linear))  # checked once, read once
+        object.__setattr__(self, "lm_head", lm_head_setting(self.lm_head))
         if self.precision not in (None, "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be 'fp32', 'fp16', 'bf16' or None, got {self.precision!r}")
 
     @classmethod
     def from_config(cls, config: JetSpecConfig) -> "LoweringOptions":
-        return cls(artifact_dir=config.artifact_dir, cpu_linear=config.cpu_linear,
+        return cls(artifact_dir=config.artifact_dir, cpu_linear=config.cpu_linear, lm_head=config.lm_head,
                    max_cache_len=config.max_cache_len, precision=config.precision)
 
 
@@ -82,11 +87,14 @@ def _on_cpu(drafter) -> bool:
     return bool(params) and params[0].device.type == "cpu"
 
 
-def lower_eager(step, prepack: bool = True, cpu_linear: str | None = None):
-    """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention) and,
-    with ``prepack``, fp32 CPU linears run from packed weights
+def lower_eager(step, prepack: bool = True, cpu_linear: str | None = None, lm_head: str | None = "exact"):
+    """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention), the LM
+    head left to the runtime where ``lm_head`` says so (:func:`~jetspec_compile.passes.split_lm_head`; default
+    ``"exact"``: kept) and, with ``prepack``, fp32 CPU linears run from packed weights
     (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
-    passes = LOWERING_PASSES + ((functools.partial(prepack_linear_weights, kernel=cpu_linear),) if prepack else ())
+    cpu_linear = kernel_setting(cpu_linear)
+    passes = LOWERING_PASSES + (functools.partial(split_lm_head, setting=lm_head, cpu_linear=cpu_linear),)
+    passes += (functools.partial(prepack_linear_weights, kernel=cpu_linear),) if prepack else ()
     PassManager(passes)(step)
     return step.graph_module
 
@@ -95,14 +103,14 @@ class EagerBackend(Backend):
     name = "eager"
 
     def lower_verify(self, step, options):
-        return lower_eager(step, cpu_linear=options.cpu_linear)
+        return lower_eager(step, cpu_linear=options.cpu_linear, lm_head=options.lm_head)
 
 
 class InductorBackend(Backend):
     name = "inductor"
 
     def lower_verify(self, step, options):
-        return lower_inductor(step, cpu_linear=options.cpu_linear)
+        return lower_inductor(step, cpu_linear=options.cpu_linear, lm_head=options.lm_head)
 
     def lower_drafter(self, drafter, options):
         # on CPU the drafter's step runs an AOTInductor package (compiled once per drafter and cached, like the

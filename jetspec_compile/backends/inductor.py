@@ -41,7 +41,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from ..counters import counters
 from ..interface import VerifyInterface
 from ..kernels.cpu_linear import CPU_LINEAR_KERNELS, choose_kernel, kernel_setting, pack_weight
-from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager
+from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager, split_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +156,15 @@ CONCAT_LINEARS = True
 
 
 def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = None,
-                   cpu_linear: str | None = None) -> Callable:
+                   cpu_linear: str | None = None, lm_head: str | None = "exact") -> Callable:
     """Compile a rewritten verify step's graph (after the PyTorch lowering passes) with the ``jetspec`` backend.
 
     ``kernels``: lower attention to the tree-attention custom op first (default: on CUDA models only).
     ``freezing``: compile the weights in as constants (default: on CPU models, where it packs them for a GEMM).
     ``cpu_linear``: the packed GEMM kernel of frozen fp32 linears, ``"auto"`` (default; the environment variable
     ``JETSPEC_CPU_LINEAR`` sets another), ``"onednn"`` or ``"mkl"``; see :class:`PackedLinearPass`.
+    ``lm_head``: leave the LM head to the runtime where this setting says so (frozen CPU graphs only;
+    :func:`~jetspec_compile.passes.split_lm_head`); default ``"exact"``: the head stays in the graph.
     """
     from torch._inductor import config as inductor_config
 
@@ -171,7 +173,10 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     cuda = next(step.model.parameters()).is_cuda
     kernels = cuda if kernels is None else kernels
     freezing = not cuda if freezing is None else freezing
-    PassManager(KERNEL_LOWERING_PASSES if kernels else LOWERING_PASSES)(step)
+    passes = KERNEL_LOWERING_PASSES if kernels else LOWERING_PASSES
+    if freezing and not cuda:
+        passes += (functools.partial(split_lm_head, setting=lm_head, cpu_linear=cpu_linear),)
+    PassManager(passes)(step)
     backend = functools.partial(jetspec_backend, freezing=freezing, cpu_linear=cpu_linear)
     compiled = torch.compile(step.graph_module, backend=backend, fullgraph=True)
     first = [True]

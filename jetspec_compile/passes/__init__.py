@@ -19,8 +19,10 @@ The pipeline is an explicit, ordered list. Ordering rules:
 ``jetspec::tree_attention`` custom op (Triton on CUDA, a torch reference elsewhere). It runs after
 ``use_native_gqa`` so the op reads the grouped KV cache, and after every pass that reads the tree masks.
 ``EAGER_CPU_PASSES`` append ``prepack_linear_weights`` to them for the eager backend on CPU (fp32 linears from
-MKL-packed weights). ``EXPORT_PIPELINE`` appends ``functionalize_kv_writes`` (after the taps, so its outputs follow
-``(logits, hidden)``) for backends that cannot mutate inputs (ONNX, TensorRT).
+MKL-packed weights). ``split_lm_head`` (eager and Inductor on CPU, where it pays) runs after the lowering passes
+but before any packing: it removes the head's linear from the graph's output. ``EXPORT_PIPELINE`` appends
+``functionalize_kv_writes`` (after the taps, so its outputs follow ``(logits, hidden)``) for backends that cannot
+mutate inputs (ONNX, TensorRT).
 """
 
 from .functionalize_kv_writes import functionalize_kv_writes
@@ -32,6 +34,7 @@ from .manager import PassManager, PassResult, lint_graph
 from .match_attention_bias import match_attention_bias
 from .match_eager_attention import match_eager_attention
 from .prepack_linear_weights import prepack_linear_weights, prepack_supported
+from .split_lm_head import split_lm_head
 from .tap_hidden_states import default_tap_layers, tap_hidden_states
 from .use_native_gqa import use_native_gqa
 from .use_tree_attention_op import use_tree_attention_op
@@ -68,6 +71,7 @@ __all__ = [
     "match_eager_attention",
     "prepack_linear_weights",
     "prepack_supported",
+    "split_lm_head",
     "tap_hidden_states",
     "tree_alibi_bias",
     "use_native_gqa",

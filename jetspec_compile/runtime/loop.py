@@ -65,22 +65,23 @@ def draft(drafter, roots: list[int], budget: int) -> list[DraftTree]:
     return trees
 
 
-def verify(verifier: TreeVerifier, trees: list[DraftTree]):
+def verify(verifier: TreeVerifier, trees: list[DraftTree], params: SamplingParams):
+    """Greedy: ``(target [B, n] argmax tokens, hidden)``; sampling: ``(logits [B, n, V], hidden [B, n, K*H])``."""
     n = max(len(t.tokens) for t in trees)
     tokens = torch.zeros(len(trees), n, dtype=torch.long, device=verifier.device)
     shapes = []
     for row, t in enumerate(trees):
         tokens[row, :len(t.tokens)] = torch.tensor(t.tokens)
         shapes.append(pad_tree(t.tree, n))
-    return verifier.verify(tokens, shapes)  # logits [B, n, V], hidden [B, n, K*H]
+    return verifier.verify(tokens, shapes) if params.do_sample else verifier.verify_greedy(tokens, shapes)
 
 
-def accept(logits: torch.Tensor, trees: list[DraftTree], params: SamplingParams) -> list[tuple[list[int], int]]:
-    """Per row: (accepted node path, bonus token)."""
+def accept(out: torch.Tensor, trees: list[DraftTree], params: SamplingParams) -> list[tuple[list[int], int]]:
+    """Per row: (accepted node path, bonus token), from what :func:`verify` returned."""
     if not params.do_sample:
-        target = logits.argmax(-1).tolist()  # [B, n]: the one host sync of a greedy step
+        target = out.tolist()  # [B, n]: the one host sync of a greedy step
         return [accept_greedy(target[r], t.tree, t.tokens) for r, t in enumerate(trees)]
-    return accept_sampled(logits, trees, params.temperature, params.top_k, params.top_p, params.generator)
+    return accept_sampled(out, trees, params.temperature, params.top_k, params.top_p, params.generator)
 
 
 @dataclass(eq=False)
@@ -217,9 +218,9 @@ def speculative_generate(verifier: TreeVerifier, drafter, input_ids: torch.Tenso
         budget = controller.choose()
         trees = draft(drafter, roots, budget) if budget > 1 else [DraftTree.root_only(r) for r in roots]
         t1 = time.perf_counter()
-        logits, hidden = verify(verifier, trees)  # [B, n, V], [B, n, K*H]
+        out, hidden = verify(verifier, trees, params)  # [B, n] tokens or [B, n, V] logits, [B, n, K*H]
         t2 = time.perf_counter()
-        decisions = accept(logits, trees, params)
+        decisions = accept(out, trees, params)
         paths = [[] if state.done[r] else path for r, (path, _) in enumerate(decisions)]  # finished rows keep nothing
         verifier.commit(paths)
         accepted = [[t.tokens[i] for i in p] for t, p in zip(trees, paths)]

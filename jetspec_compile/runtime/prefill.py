@@ -46,7 +46,7 @@ def prefill_with_graph(verifier, input_ids: torch.Tensor, real: torch.Tensor, po
         verifier.cache.valid[:, :start] = real[:, :start]
         verifier.cache.positions[:, :start] = positions[:, :start]
         verifier.base_position.zero_()
-        logits, hidden = verifier._run(ids[:, start:start + n], pos_padded[:, start:start + n], tree_mask, start)
+        out, hidden, head = verifier._run(ids[:, start:start + n], pos_padded[:, start:start + n], tree_mask, start)
         hidden_parts.append(hidden[:, covered - start:min(p, start + n) - start])
         covered = min(p, start + n)
     verifier.cache.valid[:, :p] = real
@@ -54,7 +54,7 @@ def prefill_with_graph(verifier, input_ids: torch.Tensor, real: torch.Tensor, po
     verifier.cache.length = p
     verifier.base_position = real.long().sum(1)
     last = p - 1 - starts[-1]
-    return logits[:, last], torch.cat(hidden_parts, dim=1)
+    return verifier._logits(out[:, last], head), torch.cat(hidden_parts, dim=1)
 
 
 @torch.no_grad()

@@ -94,6 +94,8 @@ class TreeVerifier:
         self._compile_fn, self._run_checks = compile_fn, run_checks
         self.prefill_chunk = max(budget, min(prefill_chunk, max_cache_len - 1))
         self.interface = self.step.interface
+        # per graph size: the LM head its lowering left to the runtime (passes.split_lm_head), or None
+        self._heads = {budget: self.step.lm_head}
         self.tap_layers = self.interface.tap_layers
         kv = self.interface.kv
         self.device = next(model.parameters()).device
@@ -113,6 +115,12 @@ class TreeVerifier:
     @property
     def max_cache_len(self) -> int:
         return self.cache.max_length
+
+    @property
+    def head(self):
+        """The LM head the lowering left to the runtime (:func:`~jetspec_compile.passes.split_lm_head`; a
+        :class:`~jetspec_compile.kernels.lm_head.LMHead`) for the largest budget's graph, or None: in the graph."""
+        return self._heads[self.budget]
 
     @property
     def committed_length(self) -> int:
@@ -151,6 +159,7 @@ class TreeVerifier:
             step, _ = build_verify_step(self.model, batch_size=self.batch_size, budget=n,
                                         tap_layers=self.tap_layers, run_checks=self._run_checks)
             self._graphs[n] = step.graph_module if self._compile_fn is None else self._compile_fn(step)
+            self._heads[n] = step.lm_head
         return self._graphs[n]
 
     def prepare(self) -> list[int]:
@@ -162,8 +171,15 @@ class TreeVerifier:
         return sizes
 
     # -- the step -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _logits(out: torch.Tensor, head) -> torch.Tensor:
+        """The logits of a graph's first output: itself, or ``head``'s logits of it where the head was split off."""
+        return out if head is None else head.logits(out)
+
     def _run(self, tokens: torch.Tensor, depth: torch.Tensor, tree_mask: torch.Tensor, start: int):
-        """One graph call writing ``n = tokens.shape[1]`` nodes at slots ``start .. start + n - 1``."""
+        """One graph call writing ``n = tokens.shape[1]`` nodes at slots ``start .. start + n - 1``. Returns the
+        graph's outputs, logits (or the LM head's input, see :meth:`_logits`) and the tapped hidden states, and the
+        graph's split-off head (None: the first output is the logits)."""
         n = tokens.shape[1]
         graph = self._graph(n)
         length = min(self.cache.max_length, -(-(start + n) // SLOT_BUCKET) * SLOT_BUCKET)
@@ -179,8 +195,8 @@ class TreeVerifier:
             write_slots=torch.arange(start, start + n, device=self.device), tree_mask=_dense(tree_mask),
             cache_valid=valid, cache_positions=self.cache.positions[:, :length], caches=caches)
         with torch.no_grad():
-            logits, hidden = graph(**inputs)
-        return logits, hidden  # [B, N, V], [B, N, K*H]
+            out, hidden = graph(**inputs)
+        return out, hidden, self._heads[n]  # [B, N, V] (or [B, N, H]), [B, N, K*H]
 
     def _check_batch(self, tensor: torch.Tensor, name: str) -> None:
         if tensor.dtype.is_floating_point or tensor.is_complex():
@@ -230,6 +246,16 @@ class TreeVerifier:
         all rows or one per row, each of n nodes. Returns ``(logits [B, n, V], hidden [B, n, K*H])``; the
         logits at node i are the target's next-token logits after the root-to-i path.
         """
+        out, hidden, head = self._verify(tokens, trees)
+        return self._logits(out, head), hidden
+
+    def verify_greedy(self, tokens: torch.Tensor, trees: TreeSpec | Sequence[TreeSpec]):
+        """:meth:`verify` for greedy decoding: returns ``(target [B, n] int64, hidden [B, n, K*H])``, the argmax of
+        every node's logits (through the certified LM head where the lowering split it off)."""
+        out, hidden, head = self._verify(tokens, trees)
+        return (out.argmax(-1) if head is None else head.argmax(out)), hidden
+
+    def _verify(self, tokens: torch.Tensor, trees: TreeSpec | Sequence[TreeSpec]):
         self._check_batch(tokens, "tokens")
         b, n = tokens.shape
         trees = [trees] * b if isinstance(trees, TreeSpec) else list(trees)
@@ -253,9 +279,9 @@ class TreeVerifier:
         depth = torch.stack([d for d, _ in padded]).to(self.device)
         tree_mask = torch.stack([m for _, m in padded]).to(self.device)
         ids = torch.nn.functional.pad(tokens, (0, size - n))
-        logits, hidden = self._run(ids, depth, tree_mask, self.cache.length)
+        out, hidden, head = self._run(ids, depth, tree_mask, self.cache.length)
         self._pending = trees
-        return logits[:, :n], hidden[:, :n]
+        return out[:, :n], hidden[:, :n], head
 
     def commit(self, accepted: Sequence[Sequence[int]]) -> None:
         """Keep each row's accepted root-to-node path of the last verified tree; drop the rest.
