@@ -89,3 +89,24 @@ def test_settings_and_what_is_refused(monkeypatch):
         lm_head_setting("bf16")
     with pytest.raises(ValueError, match="2-D fp32 CPU weight"):
         LMHead(w.double())
+
+
+def test_auto_follows_the_timing_for_large_heads_only(monkeypatch):
+    big = torch.zeros(lm_head.AUTO_MIN_BYTES // (4 * 64), 64)  # exactly AUTO_MIN_BYTES of fp32
+    small = torch.zeros(100, 64)
+    calls = []
+    for verdict in (True, False):
+        monkeypatch.setattr(lm_head, "_certified_pays", lambda w, rows, v=verdict: calls.append(rows) or v)
+        assert use_certified_head(big, 8, "auto") is verdict
+        assert not use_certified_head(small, 8, "auto")
+    assert calls == [8, 8]  # timed for the large head only
+
+
+def test_the_timing_runs_once_per_weight_and_row_count():
+    w, _, _ = _weights(vocab=4000)
+    lm_head._PAYS.clear()
+    first = lm_head._certified_pays(w, 4, reps=2)
+    assert isinstance(first, bool) and lm_head._PAYS == {(id(w), 4): first}
+    lm_head._PAYS[(id(w), 4)] = not first  # a cached verdict is not timed again
+    assert lm_head._certified_pays(w, 4) is (not first)
+    lm_head._PAYS.clear()
