@@ -38,7 +38,8 @@ import weakref
 import torch
 
 from ..config import LM_HEADS
-from .cpu_linear import MAX_ROWS, available_kernels, packed_weight, prepack_supported, run_packed
+from .cpu_linear import (MAX_ROWS, available_kernels, choose_kernel, pack_weight, packed_weight, prepack_supported,
+                         run_packed)
 
 __all__ = ["LM_HEADS", "LMHead", "lm_head_setting", "use_certified_head", "MAX_CANDIDATES", "SAFETY",
            "AUTO_MIN_BYTES"]
@@ -185,22 +186,28 @@ class LMHead:
             return win.reshape(shape)
 
 
-#: (id(weight), rows) -> whether the certified argmax measured faster than the fp32 head in this process
+#: (weight shape, rows) -> whether the certified argmax measured faster than the fp32 head in this process
 _PAYS: dict[tuple[int, int], bool] = {}
 
 
 def _certified_pays(weight: torch.Tensor, rows: int, reps: int = 7) -> bool:
-    key = (id(weight), rows)
+    key = (tuple(weight.shape), rows)
     if key not in _PAYS:
         head = LMHead(weight)
         h = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        # the fp32 head as the graph runs it, from a packed copy made for the timing only (the shared cache of
+        # packed_weight would keep 4 bytes per weight per row count alive for a head that may never run)
+        kernel = choose_kernel(weight.shape[0], weight.shape[1], rows, "auto")
         times: dict[str, list[float]] = {"exact": [], "certified": []}
-        for rep in range(reps + 1):
-            for name, fn in (("exact", lambda: head.logits(h).argmax(-1)), ("certified", lambda: head.argmax(h))):
-                start = time.perf_counter()
-                fn()
-                if rep:  # the first call of each warms oneDNN's primitive cache
-                    times[name].append(time.perf_counter() - start)
+        with torch.no_grad():
+            packed = pack_weight(kernel, weight.detach(), rows)
+            exact = lambda: run_packed(kernel, h, packed, weight, None, rows).argmax(-1)  # noqa: E731
+            for rep in range(reps + 1):
+                for name, fn in (("exact", exact), ("certified", lambda: head.argmax(h))):
+                    start = time.perf_counter()
+                    fn()
+                    if rep:  # the first call of each warms oneDNN's primitive cache
+                        times[name].append(time.perf_counter() - start)
         _PAYS[key] = statistics.median(times["certified"]) < statistics.median(times["exact"])
     return _PAYS[key]
 
@@ -208,8 +215,8 @@ def _certified_pays(weight: torch.Tensor, rows: int, reps: int = 7) -> bool:
 def use_certified_head(weight: torch.Tensor, rows: int, setting: str | None = None) -> bool:
     """Whether a graph of ``rows`` rows should leave its LM head (``weight``) to :class:`LMHead`, under
     ``setting`` (see :func:`lm_head_setting`). fp32 CPU weights only. ``"auto"``: heads of :data:`AUTO_MIN_BYTES`
-    or more where oneDNN has a bf16 GEMM, and only if the certified argmax measured faster (timed once per weight
-    and row count in the process); ``"certified"`` always (failing when the head is built if bf16 is missing)."""
+    or more where oneDNN has a bf16 GEMM, and only if the certified argmax measured faster (timed once per head
+    shape and row count in the process); ``"certified"`` always (failing when the head is built if bf16 is missing)."""
     setting = lm_head_setting(setting)
     if setting == "exact" or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
         return False
