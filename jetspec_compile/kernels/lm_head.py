@@ -12,15 +12,15 @@ For a row ``h`` (fp32) and vocabulary row ``w_j``, write ``h~ = bf16(h)``, ``d =
 
 where ``a_j`` is the kernel's bf16 output, ``γ_K = K·2⁻²⁴ / (1 - K·2⁻²⁴)`` bounds an fp32 dot product's rounding
 over ``K`` inputs (the kernel's accumulation, and the fp32 reference's own), and ``u = 2⁻⁸`` the rounding of the
-bf16 output. The norms of ``w_j`` are replaced by their maxima over the vocabulary, so ``b_j = c + u'|a_j|`` with
-one ``c`` per row, and every bound is doubled (:data:`SAFETY`) for what this model of the kernel leaves out. The
-fp32 logit of the largest ``a`` is at least ``top - u'|top| - c``; a token ``j`` can beat it only if
-``a_j + u'|a_j| + c`` reaches that, and since ``a + u'|a|`` grows with ``a`` this is one threshold on ``a_j`` per
-row, searched in blocks of :data:`BLOCK` tokens (their maxima first). Those candidates (on SmolLM2's own hidden
-states: about 21 of 49 152 per row) are recomputed in fp32 from the original rows and the largest wins, the
-lowest token id on a tie, as ``argmax`` breaks ties. A row with a non-finite value, or with more than
-:data:`MAX_CANDIDATES` candidates, falls back to the full fp32 logits. The result is the argmax of fp32 logits,
-as exact as the in-graph head it replaces (both sum in some fp32 order).
+bf16 output (every bound is doubled, :data:`SAFETY`, for what this model of the kernel leaves out). Write
+``b_j = c_j + u'|a_j|``. The fp32 logit of the largest ``a`` (``top``) is at least ``top - u'|top| - c_top``; a
+token ``j`` can beat it only if ``a_j + u'|a_j| + c_j`` reaches that, and ``a + u'|a|`` grows with ``a``. So the
+search runs over blocks of :data:`BLOCK` tokens first, with each block's largest ``a`` and largest ``c`` (from the
+block's largest row norms), and then token by token inside the blocks that pass. The candidates left (on SmolLM2's
+own hidden states about 5 of 49 152 per row, on random tokens about 100) are recomputed in fp32 from the original
+rows and the largest wins, the lowest token id on a tie, as ``argmax`` breaks ties. A call with a non-finite value,
+or with more than :data:`MAX_CANDIDATES` candidates per row, falls back to the full fp32 logits. The result is the
+argmax of fp32 logits, as exact as the in-graph head it replaces (both sum in some fp32 order).
 
 :meth:`LMHead.logits` (sampling, prefill) computes the fp32 logits from packed weights, as the graph did.
 Whether a lowering takes the head out of its graph is :func:`use_certified_head`'s call: ``"certified"``
@@ -47,7 +47,7 @@ __all__ = ["LM_HEADS", "LMHead", "lm_head_setting", "use_certified_head", "MAX_C
 #: every error bound is multiplied by this (the kernel's rounding model is assumed, not read from its source)
 SAFETY = 2.0
 
-#: above this many candidates in a row the full fp32 logits are computed instead
+#: above this many candidates per row (on average over the call's rows) the full fp32 logits are computed instead
 MAX_CANDIDATES = 1024
 
 #: the candidates are searched block by block: the largest logit of every BLOCK tokens first
