@@ -39,8 +39,8 @@ from torch.overrides import TorchFunctionMode
 from ..config import CPU_LINEARS
 
 __all__ = ["MIN_ROWS", "MAX_ROWS", "PREFILL_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting",
-           "choose_kernel", "pack_weight", "run_packed", "packed_weight", "packed_linear", "prepack_supported",
-           "PackedLinear", "with_packed_linears", "PackedLinearMode", "TIMINGS"]
+           "choose_kernel", "pack_weight", "run_packed", "derived", "packed_weight", "packed_linear",
+           "prepack_supported", "PackedLinear", "with_packed_linears", "PackedLinearMode", "TIMINGS"]
 
 #: row counts (batch x tree nodes) whose linears are packed per count: one row is a GEMV (no packing to save); above
 #: MAX_ROWS a graph is a prefill chunk, run once per prompt (the model's own prefill packs once, PREFILL_ROWS)
@@ -147,21 +147,29 @@ def run_packed(kernel: str, x, packed, weight, bias, rows: int):
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-#: id(weight) -> (weak reference, its version counter, {row count: (setting, kernel, packed)}) — shared by every
-#: graph of a model, dropped with the weight (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
+def derived(weight: torch.Tensor, store: dict) -> dict:
+    """The dict of what ``store`` keeps derived from ``weight`` (packed copies, a bf16 copy, ...): empty for a new
+    weight and after an in-place change of it. ``store`` maps ``id(weight)`` to (weak reference, version counter,
+    that dict), so the derived tensors are shared by every graph and module and dropped with the weight (tensors
+    compare elementwise, so they cannot key a WeakKeyDictionary)."""
+    ref, version, entries = store.get(id(weight), (None, None, None))
+    known = ref is not None and ref() is weight  # an id can be reused by a later tensor
+    if not known:
+        weakref.finalize(weight, store.pop, id(weight), None)
+    if not known or version != weight._version:  # new, or changed in place since
+        entries = {}
+        store[id(weight)] = (weakref.ref(weight), weight._version, entries)
+    return entries
+
+
+#: id(weight) -> (weak reference, version, {row count: (setting, kernel, packed)}): see :func:`derived`
 _PACKED: dict[int, tuple[weakref.ref, int, dict[int, tuple[str, str, torch.Tensor]]]] = {}
 
 
 def packed_weight(weight: torch.Tensor, rows: int, setting: str = "auto") -> tuple[str, torch.Tensor]:
     """The kernel for ``weight`` at ``rows`` rows under ``setting`` and ``weight`` packed for it, shared by every
     graph and module of that row count (packed again after an in-place change of ``weight``)."""
-    ref, version, by_rows = _PACKED.get(id(weight), (None, None, {}))
-    known = ref is not None and ref() is weight  # an id can be reused by a later tensor
-    if not known:
-        weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    if not known or version != weight._version:  # new, or changed in place since it was packed
-        by_rows = {}
-        _PACKED[id(weight)] = (weakref.ref(weight), weight._version, by_rows)
+    by_rows = derived(weight, _PACKED)
     if by_rows.get(rows, (None,))[0] != setting:  # new row count, or another setting since
         kernel = choose_kernel(weight.shape[0], weight.shape[1], rows, setting)
         with torch.no_grad():

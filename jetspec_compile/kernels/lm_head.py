@@ -38,8 +38,8 @@ import weakref
 import torch
 
 from ..config import LM_HEADS
-from .cpu_linear import (MAX_ROWS, available_kernels, choose_kernel, pack_weight, packed_weight, prepack_supported,
-                         run_packed)
+from .cpu_linear import (MAX_ROWS, available_kernels, choose_kernel, derived, pack_weight, packed_weight,
+                         prepack_supported, run_packed)
 
 __all__ = ["LM_HEADS", "LMHead", "lm_head_setting", "use_certified_head", "MAX_CANDIDATES", "SAFETY",
            "AUTO_MIN_BYTES"]
@@ -73,16 +73,15 @@ def _bf16_supported() -> bool:
     return "onednn" in available_kernels() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-#: id(weight) -> (weak reference, version, state): the bf16 copy and norms, shared by every head of the weight
+#: id(weight) -> (weak reference, version, {"head": state}): the bf16 copy and norms (see
+#: :func:`~jetspec_compile.kernels.cpu_linear.derived`), shared by every head of the weight
 _STATE: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
 def _state(weight: torch.Tensor) -> dict:
-    ref, version, state = _STATE.get(id(weight), (None, None, None))
-    if ref is None or ref() is not weight:
-        weakref.finalize(weight, _STATE.pop, id(weight), None)
-    elif version == weight._version:
-        return state
+    entries = derived(weight, _STATE)
+    if "head" in entries:
+        return entries["head"]
     with torch.no_grad():
         w = weight.detach()
         low = w.to(torch.bfloat16)
@@ -97,7 +96,7 @@ def _state(weight: torch.Tensor) -> dict:
             "norms": norms,  # [3, V]
             "block_norms": padded.view(3, -1, BLOCK).amax(-1),  # [3, V / BLOCK]
         }
-    _STATE[id(weight)] = (weakref.ref(weight), weight._version, state)
+    entries["head"] = state
     return state
 
 
