@@ -341,6 +341,27 @@ def step_cost_markdown(summary: dict, methods: list[str]) -> str:
     return "\n".join([title, "", head, "|---|---|---|---|---|---|---|", *rows])
 
 
+def lm_head_report(specs: dict) -> tuple[dict, str]:
+    """Where each spec's greedy verification took its argmax, per budget (from its batch-1 verifier): ``"certified"``
+    (the bf16 copy of the head with a proof, :mod:`jetspec_compile.kernels.lm_head`) or ``"fp32 in the graph"``;
+    with the certified heads' candidates per row and fallbacks. Returns the data and a one-line-per-spec text."""
+    data, lines = {}, ["LM head of greedy verification (per budget):"]
+    for name, spec in specs.items():
+        verifier = spec.verifier(1)
+        heads = {b: h for b, h in verifier.heads.items() if b in verifier.budgets}  # not the prefill chunk's graph
+        certified = {h for h in heads.values() if h is not None}
+        rows = sum(h.rows for h in certified)
+        data[name] = {"budgets": {str(b): "certified" if h is not None else "fp32 in the graph"
+                                  for b, h in sorted(heads.items())},
+                      "candidates_per_row": sum(h.candidates for h in certified) / rows if rows else None,
+                      "fallback_rows": sum(h.fallbacks for h in certified)}
+        where = ", ".join(f"budget {b} {kind}" for b, kind in data[name]["budgets"].items())
+        extra = (f"; {data[name]['candidates_per_row']:.1f} candidates per row, {data[name]['fallback_rows']} rows "
+                 "fell back to fp32" if rows else "")
+        lines.append(f"  {name}: {where}{extra}")
+    return data, "\n".join(lines)
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     """Index of the first token where ``a`` and ``b`` differ (the shorter length if one is a prefix)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -601,7 +622,8 @@ def run_bench_cli(args) -> None:
                            specs=specs, sample=args.sample, settle=args.settle)
         result["peers"] = {name: {"vllm": p.version, "config": p.config.__dict__, "ld_preload": p.ld_preload}
                            for name, p in peers.items()}
-        table = markdown(result["summary"], result["methods"])
+        result["lm_heads"], heads = lm_head_report(specs)
+        table = markdown(result["summary"], result["methods"]) + "\n\n" + heads
         if peers:
             table += "\n\n" + step_cost_markdown(result["summary"], result["methods"])
             table += "\n\n" + identity_report(result["records"], result["methods"])

@@ -53,3 +53,29 @@ def test_sampled_rows_are_compared_with_hf_sampling():
     for bad in ("0", "0.7,1.5", "hot"):
         with pytest.raises(argparse.ArgumentTypeError, match="--sample takes"):
             parse_sample(bad)
+
+
+def test_lm_head_report_says_where_each_spec_took_its_argmax():
+    import pytest
+    import torch
+
+    import jetspec_compile as js
+    from jetspec_compile.bench import lm_head_report
+    from jetspec_compile.drafter import NGramDrafter
+    from jetspec_compile.kernels import lm_head
+    from tests.families import VOCAB, make_model
+
+    if not lm_head._bf16_supported():
+        pytest.skip("this PyTorch build has no oneDNN bf16 GEMM")
+    model = make_model("llama")
+    specs = {name: js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=64, lm_head=setting)
+             for name, setting in (("certified", "certified"), ("exact", "exact"))}
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    for spec in specs.values():
+        spec.generate(ids, max_new_tokens=8)
+    data, text = lm_head_report(specs)
+    assert data["certified"]["budgets"] == {"1": "certified", "4": "certified"}
+    assert data["certified"]["candidates_per_row"] >= 1 and data["certified"]["fallback_rows"] == 0
+    assert data["exact"] == {"budgets": {"1": "fp32 in the graph", "4": "fp32 in the graph"},
+                             "candidates_per_row": None, "fallback_rows": 0}
+    assert "certified: budget 1 certified, budget 4 certified;" in text and "exact: budget 1 fp32" in text

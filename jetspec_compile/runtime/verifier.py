@@ -117,6 +117,11 @@ class TreeVerifier:
         return self.cache.max_length
 
     @property
+    def heads(self) -> dict:
+        """Per graph size captured so far: the LM head its lowering left to the runtime, or None (in the graph)."""
+        return dict(self._heads)
+
+    @property
     def head(self):
         """The LM head the lowering left to the runtime (:func:`~jetspec_compile.passes.split_lm_head`; a
         :class:`~jetspec_compile.kernels.lm_head.LMHead`) for the largest budget's graph, or None: in the graph."""
