@@ -131,6 +131,11 @@ class LMHead:
                 return out.reshape(*h.shape[:-1], self.weight.shape[0])
             return torch.nn.functional.linear(h, self.weight, self.bias)
 
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        """The argmax of the full fp32 logits of ``x`` ``[R, K]`` (counted in ``fallbacks``)."""
+        self.fallbacks += x.shape[0]
+        return self.logits(x).argmax(-1)
+
     def argmax(self, h: torch.Tensor) -> torch.Tensor:
         """The argmax token ``[...]`` (int64) of the fp32 logits of ``h`` ``[..., K]``, read mostly from bf16."""
         shape = h.shape[:-1]
@@ -139,15 +144,14 @@ class LMHead:
             state = _state(self.weight)
             finite = state["finite"] and (self.bias is None or bool(torch.isfinite(self.bias).all()))
             if not (finite and bool(torch.isfinite(x).all())):
-                self.fallbacks += x.shape[0]
-                return self.logits(x).argmax(-1).reshape(shape)
+                return self._fallback(x).reshape(shape)
             low = x.to(torch.bfloat16)
             a = torch.ops.mkldnn._linear_pointwise(low, state["packed"], None, "none", [], "")  # [R, V] bf16
             # b_j = c_j + u'|a_j|, c_j from the norms (module docstring); with a bias, the kernel's bf16 output is
             # rounded before the bias is added in fp32
-            h_norm = x.norm(dim=1, keepdim=True)
-            factors = torch.cat([self.gamma * h_norm, self.gamma * low.float().norm(dim=1, keepdim=True)
-                                 + (x - low.float()).norm(dim=1, keepdim=True), h_norm], dim=1)  # [R, 3]
+            h_norm, low_wide = x.norm(dim=1, keepdim=True), low.float()
+            factors = torch.cat([self.gamma * h_norm, self.gamma * low_wide.norm(dim=1, keepdim=True)
+                                 + (x - low_wide).norm(dim=1, keepdim=True), h_norm], dim=1)  # [R, 3]
             rel = _U_BF16 / (1 - _U_BF16)
             extra = 0.0
             if self.bias is not None:
@@ -173,8 +177,7 @@ class LMHead:
             inside, offset = (values + rel * values.abs() + c >= floor[block_rows]).nonzero(as_tuple=True)
             rows, ids = block_rows[inside], ids[inside, offset]  # [M]
             if ids.numel() > MAX_CANDIDATES * x.shape[0]:
-                self.fallbacks += x.shape[0]
-                return self.logits(x).argmax(-1).reshape(shape)
+                return self._fallback(x).reshape(shape)
             self.rows, self.candidates = self.rows + x.shape[0], self.candidates + ids.numel()
             exact = (x[rows] * self.weight[ids]).sum(-1)  # [M] fp32
             if self.bias is not None:

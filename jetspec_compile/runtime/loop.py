@@ -1,7 +1,8 @@
 """The speculative loop: prefill → draft → verify → accept → commit, until EOS or ``max_new_tokens``.
 
 Small functions with shape comments; the only host syncs per step are the ones acceptance needs (the argmax /
-sampled tokens of the verified nodes, one transfer per step). Statistics separate drafter time
+sampled tokens of the verified nodes, one transfer per step), plus, on CPU only, the certified LM head's own
+(``kernels/lm_head.py``: a finiteness check and the candidate search). Statistics separate drafter time
 (``draft_seconds``), target-forward time (``verify_seconds``) and the rest of the loop (``host_seconds``:
 tree assembly, acceptance, KV compaction, bookkeeping).
 """
