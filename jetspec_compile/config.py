@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "LM_HEADS", "PRECISIONS"]
+__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "LM_HEADS", "DRAFTER_DTYPES", "PRECISIONS"]
 
 BACKENDS = ("eager", "inductor", "aoti", "onnxruntime", "tensorrt")
 #: candidates of ``budget="auto"``
@@ -14,6 +14,8 @@ AUTO_BUDGETS = (4, 8, 16, 32)
 CPU_LINEARS = ("auto", "mkl", "onednn")
 #: where greedy verification takes the argmax of the LM head (``lm_head``)
 LM_HEADS = ("auto", "certified", "exact")
+#: what a parallel drafter's network computes in on CPU (``drafter_dtype``)
+DRAFTER_DTYPES = ("auto", "float32", "bfloat16")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -40,6 +42,10 @@ class JetSpecConfig:
             finds greedy verification's argmax from a bf16 copy of its weight, proved equal to the fp32 argmax
             (:mod:`jetspec_compile.kernels.lm_head`); ``"exact"`` keeps the fp32 head in the graph; ``"auto"``
             certifies where that measured faster on this CPU. None: ``$JETSPEC_LM_HEAD``, else ``"auto"``.
+        drafter_dtype: ``eager``, ``inductor`` and ``aoti`` on CPU: what a parallel drafter's network computes in,
+            ``"float32"`` or ``"bfloat16"`` (half the bytes a draft step reads; the drafter only proposes, so this
+            moves acceptance, never the output); ``"auto"``: bf16 where the CPU has bf16 instructions and oneDNN
+            its bf16 GEMM. None: ``$JETSPEC_DRAFTER_DTYPE``, else ``"auto"``.
         precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's dtype.
         max_batch: most rows one speculative loop serves when ``generate`` calls overlap (threads): waiting greedy
             calls with the same ``max_new_tokens`` share one left-padded batch. 1: overlapping calls only take
@@ -56,6 +62,7 @@ class JetSpecConfig:
     artifact_dir: str | None = None
     cpu_linear: str | None = None
     lm_head: str | None = None
+    drafter_dtype: str | None = None
     precision: str | None = None
     max_batch: int = 1
 
@@ -72,6 +79,8 @@ class JetSpecConfig:
             raise ValueError(f"cpu_linear must be one of {CPU_LINEARS} or None, got {self.cpu_linear!r}")
         if self.lm_head not in (None, *LM_HEADS):
             raise ValueError(f"lm_head must be one of {LM_HEADS} or None, got {self.lm_head!r}")
+        if self.drafter_dtype not in (None, *DRAFTER_DTYPES):
+            raise ValueError(f"drafter_dtype must be one of {DRAFTER_DTYPES} or None, got {self.drafter_dtype!r}")
         if self.precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:

@@ -81,17 +81,23 @@ def test_smollm2_generate_is_lossless_with_streamer(smollm2):
     assert torch.equal(out, expected)
 
 
-def test_shipped_drafter_is_lossless_on_held_out_prompts_and_beats_chance(smollm2):
-    """The trained drafter shipped in the package: token-identical output on held-out prompts, and it really
-    drafts (bench_tau --replay: τ ≈ 3.4 at budget 8 on 30 GSM test prompts; an untrained drafter accepts ~0 extra
-    tokens)."""
+@pytest.mark.parametrize("drafter_dtype", ["float32", "bfloat16"])
+def test_shipped_drafter_is_lossless_on_held_out_prompts_and_beats_chance(smollm2, drafter_dtype):
+    """The trained drafter shipped in the package, its network in fp32 and in bf16: token-identical output on
+    held-out prompts, and it really drafts (bench_tau --replay: τ ≈ 3.4 at budget 8 on 30 GSM test prompts; an
+    untrained drafter accepts ~0 extra tokens)."""
     import jetspec_compile as js
+    from jetspec_compile.kernels import cpu_linear
     from jetspec_compile.prompts import encode_chat, load_prompts
 
+    if drafter_dtype == "bfloat16" and not cpu_linear.bf16_supported():
+        pytest.skip("this PyTorch build has no oneDNN bf16 GEMM")
     model, tok = smollm2
     prompts = [encode_chat(tok, p) for p in load_prompts("gsm", "test", 2)]
     # greedy verification's argmax from the bf16 copy of the head, certified (kernels/lm_head.py)
-    spec = js.attach_drafter(model, "smollm2", budget=8, max_cache_len=512, fallback=False, lm_head="certified")
+    spec = js.attach_drafter(model, "smollm2", budget=8, max_cache_len=512, fallback=False, lm_head="certified",
+                             drafter_dtype=drafter_dtype)
+    assert str(spec.runtime_drafter().model.fc.weight.dtype) == f"torch.{drafter_dtype}"
     accepted = steps = 0
     for ids in prompts:
         x = torch.tensor([ids])

@@ -25,6 +25,7 @@ import torch
 
 from ..config import BACKENDS as BACKEND_NAMES
 from ..config import JetSpecConfig
+from ..drafter.precision import drafter_dtype_setting, in_drafter_dtype
 from ..kernels.cpu_linear import kernel_setting
 from ..kernels.lm_head import lm_head_setting
 from ..passes import LOWERING_PASSES, PassManager, prepack_linear_weights, split_lm_head
@@ -47,6 +48,8 @@ class LoweringOptions:
             ``"auto"``, ``"mkl"``, ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
         lm_head: ``eager`` and ``inductor`` on CPU: ``"auto"``, ``"certified"``, ``"exact"``
             (:func:`~jetspec_compile.passes.split_lm_head`); None: ``$JETSPEC_LM_HEAD``, else ``"auto"``.
+        drafter_dtype: ``eager``, ``inductor`` and ``aoti`` on CPU: ``"auto"``, ``"float32"``, ``"bfloat16"``
+            (:mod:`~jetspec_compile.drafter.precision`); None: ``$JETSPEC_DRAFTER_DTYPE``, else ``"auto"``.
         max_cache_len: longest cache a built engine must accept (``tensorrt``'s optimisation profile).
         precision: TensorRT engine precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``; None: the model's own dtype.
     """
@@ -54,19 +57,22 @@ class LoweringOptions:
     artifact_dir: str | None = None
     cpu_linear: str | None = None
     lm_head: str | None = None
+    drafter_dtype: str | None = None
     max_cache_len: int = 2048
     precision: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cpu_linear", kernel_setting(self.cpu_linear))  # checked once, read once
         object.__setattr__(self, "lm_head", lm_head_setting(self.lm_head))
+        object.__setattr__(self, "drafter_dtype", drafter_dtype_setting(self.drafter_dtype))
         if self.precision not in (None, "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be 'fp32', 'fp16', 'bf16' or None, got {self.precision!r}")
 
     @classmethod
     def from_config(cls, config: JetSpecConfig) -> "LoweringOptions":
         return cls(artifact_dir=config.artifact_dir, cpu_linear=config.cpu_linear, lm_head=config.lm_head,
-                   max_cache_len=config.max_cache_len, precision=config.precision)
+                   drafter_dtype=config.drafter_dtype, max_cache_len=config.max_cache_len,
+                   precision=config.precision)
 
 
 class Backend:
@@ -78,7 +84,7 @@ class Backend:
         raise NotImplementedError
 
     def lower_drafter(self, drafter, options: LoweringOptions):
-        return drafter  # the drafter's step stays in PyTorch
+        return drafter  # the drafter's step stays in PyTorch, as given
 
 
 def _on_cpu(drafter) -> bool:
@@ -105,6 +111,9 @@ class EagerBackend(Backend):
     def lower_verify(self, step, options):
         return lower_eager(step, cpu_linear=options.cpu_linear, lm_head=options.lm_head)
 
+    def lower_drafter(self, drafter, options):
+        return in_drafter_dtype(drafter, options.drafter_dtype)  # on CPU, in PyTorch from packed weights
+
 
 class InductorBackend(Backend):
     name = "inductor"
@@ -116,7 +125,9 @@ class InductorBackend(Backend):
         # on CPU the drafter's step runs an AOTInductor package (compiled once per drafter and cached, like the
         # ``aoti`` backend's): a torch.compile'd step with its dynamic context length would run unpacked linears,
         # slower than eager (docs/profile.md); on CUDA it stays in PyTorch
-        return lower_drafter_aoti(drafter, artifact_dir=options.artifact_dir) if _on_cpu(drafter) else drafter
+        if not _on_cpu(drafter):
+            return drafter
+        return lower_drafter_aoti(in_drafter_dtype(drafter, options.drafter_dtype), artifact_dir=options.artifact_dir)
 
 
 class AotiBackend(Backend):
@@ -126,7 +137,7 @@ class AotiBackend(Backend):
         return lower_aoti(step, artifact_dir=options.artifact_dir)
 
     def lower_drafter(self, drafter, options):
-        return lower_drafter_aoti(drafter, artifact_dir=options.artifact_dir)
+        return lower_drafter_aoti(in_drafter_dtype(drafter, options.drafter_dtype), artifact_dir=options.artifact_dir)
 
 
 class OnnxRuntimeBackend(Backend):

@@ -55,7 +55,7 @@ class JetSpecDrafter:
         max_depth: cap on tree depth (default: the drafter's block depth D).
         path_branches: depth-1 candidates whose subtrees are re-drafted conditioned on them (0 = off).
         step_fn: what runs a drafter step, called like :class:`~jetspec_compile.drafter.step.DraftStep`
-            (default: that module itself, ``self.step``, with MKL-packed linears where they pay).
+            (default: that module itself, ``self.step``, with packed linears where they pay).
         lookup_nodes: nodes of each tree that prompt-lookup continuations may take (0 = off; default None:
             three quarters of the budget, at most 24; how that was chosen: ``docs/experiments.md``).
         corpus: a :class:`~jetspec_compile.drafter.corpus.CorpusIndex` of the target's own responses; its
@@ -91,7 +91,7 @@ class JetSpecDrafter:
         self.vocab_size = cfg.vocab_size
         self.target_hidden_size = cfg.target_hidden_size
         self.tap_layers = cfg.tap_layers
-        self.step = DraftStep(self.model, packed=True).eval()  # linears from MKL-packed weights on CPU (fp32)
+        self.step = DraftStep(self.model, packed=True).eval()  # linears from packed weights on CPU (fp32, bf16)
         vocab = self.model.draft_vocab
         self._vocab = None if vocab is None else vocab.tolist()  # draft index -> token id
         self.step_fn = step_fn if step_fn is not None else self.step
@@ -106,6 +106,18 @@ class JetSpecDrafter:
         clone._past, clone._pending, clone._length = [], [], []
         clone.lookup = copy.deepcopy(self.lookup)
         clone.corpus_source = copy.copy(self.corpus_source)
+        return clone
+
+    def with_dtype(self, dtype: torch.dtype) -> "JetSpecDrafter":
+        """A copy (same options, fresh state) whose network computes in ``dtype`` (its own weights, context cache
+        and activations; draft log-probabilities stay fp32), e.g. bf16 on CPU: the drafter only proposes, so its
+        precision moves acceptance, never the output. ``self`` if it already does."""
+        if self.model.fc.weight.dtype == dtype:
+            return self
+        clone = self.with_step(None)
+        clone.model = self.model.cast(dtype)
+        clone.step = DraftStep(clone.model, packed=True).eval()
+        clone.step_fn = clone.step
         return clone
 
     def set_sampling(self, params) -> None:

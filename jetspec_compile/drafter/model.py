@@ -280,13 +280,22 @@ class ParallelDrafter(nn.Module):
         if problem:
             raise ValueError(f"draft vocabulary {problem}")
         cfg = dataclasses.replace(self.cfg, draft_vocab_size=int(ids.numel()))
-        other = ParallelDrafter(cfg, self.embed, self.lm_head)
         state = {k: v for k, v in self.state_dict().items() if k != "draft_vocab"}
         if ids.numel():
             state["draft_vocab"] = ids
+        return self._rebuilt(cfg, state, self.fc.weight.dtype)
+
+    def cast(self, dtype: torch.dtype) -> "ParallelDrafter":
+        """A copy of this drafter whose own weights are ``dtype`` (the shared embedding and LM head are left as
+        they are; the network casts what it reads from them). ``self`` if it already is."""
+        if self.fc.weight.dtype == dtype:
+            return self
+        return self._rebuilt(self.cfg, self.state_dict(), dtype)
+
+    def _rebuilt(self, cfg: DrafterConfig, state: dict, dtype: torch.dtype) -> "ParallelDrafter":
+        other = ParallelDrafter(cfg, self.embed, self.lm_head)
         other.load_state_dict(state)
-        p = self.fc.weight
-        return other.to(device=p.device, dtype=p.dtype).train(self.training)
+        return other.to(device=self.fc.weight.device, dtype=dtype).train(self.training)
 
     def fuse(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tapped target hidden states ``[B, T, K*H]`` → fused context ``[B, T, H]``."""
@@ -336,6 +345,9 @@ class ParallelDrafter(nn.Module):
         s = self.cfg.block_size
         if self.cfg.style == "dflash":  # the anchor's slot drafts nothing
             x = x.view(b, m, s, -1)[:, :, 1:]
-        h = self.norm(x).to(self.lm_head.weight.dtype)
-        logits = self.lm_head(h) if head is None else head(h) if callable(head) else F.linear(h, head[0], head[1])
+        h = self.norm(x)
+        if head is None:
+            logits = self.lm_head(h.to(self.lm_head.weight.dtype))
+        else:  # a callable head casts for itself
+            logits = head(h) if callable(head) else F.linear(h.to(head[0].dtype), head[0], head[1])
         return logits.reshape(b, m, self.cfg.depth, -1)

@@ -62,8 +62,9 @@ class DraftStep(nn.Module):
         # (the SmolLM2 drafter file held the 113 MB tied embedding three times).
         self.embed, self.lm_head = model.embed, model.lm_head
         weight = bias = None
-        if model.draft_vocab is not None:  # the draft vocabulary's head rows, gathered once
-            weight, bias = (None if t is None else t.detach().clone() for t in model.head_rows())
+        if model.draft_vocab is not None:  # the draft vocabulary's head rows, gathered once, in the network's dtype
+            dtype = model.fc.weight.dtype
+            weight, bias = (None if t is None else t.detach().to(dtype, copy=True) for t in model.head_rows())
             del self.lm_head  # unused: an export would otherwise carry the whole head
         self.register_buffer("head_weight", weight, persistent=False)
         self.register_buffer("head_bias", bias, persistent=False)
@@ -79,9 +80,13 @@ class DraftStep(nn.Module):
                                                                                                 float("-inf"))
         head = None if self.head_weight is None else (self.head_weight, self.head_bias)
         if head is not None and self.packed:
-            head = functools.partial(packed_linear, weight=self.head_weight, bias=self.head_bias)
+            head = functools.partial(_packed_head, weight=self.head_weight, bias=self.head_bias)
         logits = self.model(anchors, block_positions, kv, mask, revealed, head)  # [1, M, D, V or V']
         return logits[0].float().log_softmax(-1), new
+
+
+def _packed_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return packed_linear(h.to(weight.dtype), weight, bias)
 
 
 def drafter_network(drafter) -> ParallelDrafter:

@@ -14,6 +14,9 @@ MKL's small-row GEMMs are fast on Intel CPUs and slow on others (figures in ``do
 ``cpu_linear`` (the ``JETSPEC_CPU_LINEAR`` environment variable is its default), read when a graph is lowered or
 a module wrapped, never per call. Both kernels compute in fp32; only the summation order differs.
 
+bf16 weights (a drafter computing in bf16, ``JetSpecConfig.drafter_dtype``) always take oneDNN's packed bf16 GEMM:
+MKL has none, and oneDNN's reads half the bytes.
+
 Memory: one packed copy per weight and row count, shared by every graph and module of that count and dropped
 with the weight; a weight changed in place is packed again. A single row (plain decoding) is left to the GEMV.
 
@@ -40,7 +43,8 @@ from ..config import CPU_LINEARS
 
 __all__ = ["MIN_ROWS", "MAX_ROWS", "PREFILL_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting",
            "choose_kernel", "pack_weight", "run_packed", "derived", "packed_weight", "packed_linear",
-           "prepack_supported", "PackedLinear", "with_packed_linears", "PackedLinearMode", "TIMINGS"]
+           "prepack_supported", "bf16_supported", "native_bf16", "PackedLinear", "with_packed_linears",
+           "PackedLinearMode", "TIMINGS"]
 
 #: row counts (batch x tree nodes) whose linears are packed per count: one row is a GEMV (no packing to save); above
 #: MAX_ROWS a graph is a prefill chunk, run once per prompt (the model's own prefill packs once, PREFILL_ROWS)
@@ -67,6 +71,24 @@ def available_kernels() -> tuple[str, ...]:
 def prepack_supported() -> bool:
     """Whether this PyTorch build can run packed linears (MKL or oneDNN built in)."""
     return bool(available_kernels())
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether oneDNN's bf16 GEMM is available here (packed bf16 linears; the certified LM head)."""
+    return "onednn" in available_kernels() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``), as
+    read from ``/proc/cpuinfo``; False where that cannot be read. Without them oneDNN emulates bf16 arithmetic."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def kernel_setting(kernel: str | None) -> str:
@@ -168,10 +190,12 @@ _PACKED: dict[int, tuple[weakref.ref, int, dict[int, tuple[str, str, torch.Tenso
 
 def packed_weight(weight: torch.Tensor, rows: int, setting: str = "auto") -> tuple[str, torch.Tensor]:
     """The kernel for ``weight`` at ``rows`` rows under ``setting`` and ``weight`` packed for it, shared by every
-    graph and module of that row count (packed again after an in-place change of ``weight``)."""
+    graph and module of that row count (packed again after an in-place change of ``weight``). A bf16 weight always
+    takes oneDNN (MKL's packed GEMM is fp32 only)."""
     by_rows = derived(weight, _PACKED)
     if by_rows.get(rows, (None,))[0] != setting:  # new row count, or another setting since
-        kernel = choose_kernel(weight.shape[0], weight.shape[1], rows, setting)
+        kernel = ("onednn" if weight.dtype == torch.bfloat16
+                  else choose_kernel(weight.shape[0], weight.shape[1], rows, setting))
         with torch.no_grad():
             by_rows[rows] = setting, kernel, pack_weight(kernel, weight.detach(), rows)
     return by_rows[rows][1:]
@@ -180,7 +204,8 @@ def packed_weight(weight: torch.Tensor, rows: int, setting: str = "auto") -> tup
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   setting: str = "auto", pack_rows: int | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, from ``weight`` packed for this row count where that pays (fp32 on CPU,
-    ``MIN_ROWS <= rows <= MAX_ROWS``, no autograd, MKL or oneDNN built in); plain ``F.linear`` otherwise.
+    ``MIN_ROWS <= rows <= MAX_ROWS``, no autograd, MKL or oneDNN built in; or bf16 with oneDNN's bf16 GEMM);
+    plain ``F.linear`` otherwise.
 
     pack_rows: pack once for this row count instead and run every call of at least ``MIN_ROWS`` rows from that
     copy (a prefill, whose row count is the prompt's length; see the module docstring).
@@ -188,12 +213,18 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     key = rows if pack_rows is None else pack_rows
     if (MIN_ROWS <= rows and (pack_rows is not None or rows <= MAX_ROWS)
-            and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and prepack_supported()):
+            and x.dtype == weight.dtype and weight.device.type == "cpu" and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and _packable(weight.dtype)):
         kernel, packed = packed_weight(weight, key, setting)
         out = run_packed(kernel, x.reshape(rows, x.shape[-1]), packed, weight, bias, key)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def _packable(dtype: torch.dtype) -> bool:
+    if dtype == torch.float32:
+        return prepack_supported()
+    return dtype == torch.bfloat16 and bf16_supported()
 
 
 class PackedLinear(nn.Module):

@@ -38,7 +38,7 @@ import weakref
 import torch
 
 from ..config import LM_HEADS
-from .cpu_linear import (MAX_ROWS, available_kernels, choose_kernel, derived, pack_weight, packed_weight,
+from .cpu_linear import (MAX_ROWS, bf16_supported, choose_kernel, derived, pack_weight, packed_weight,
                          prepack_supported, run_packed)
 
 __all__ = ["LM_HEADS", "LMHead", "lm_head_setting", "use_certified_head", "MAX_CANDIDATES", "SAFETY",
@@ -67,10 +67,6 @@ def lm_head_setting(setting: str | None) -> str:
     if setting not in LM_HEADS:
         raise ValueError(f"lm_head (argument or JETSPEC_LM_HEAD) must be one of {LM_HEADS}, got {setting!r}")
     return setting
-
-
-def _bf16_supported() -> bool:
-    return "onednn" in available_kernels() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 #: id(weight) -> (weak reference, version, {"head": state}): the bf16 copy and norms (see
@@ -111,7 +107,7 @@ class LMHead:
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError(f"a certified LM head needs a 2-D fp32 CPU weight, got {weight.dtype} "
                              f"{tuple(weight.shape)} on {weight.device}")
-        if not _bf16_supported():
+        if not bf16_supported():
             raise RuntimeError("a certified LM head needs oneDNN's bf16 GEMM, which this PyTorch build lacks; "
                                "use lm_head='exact'")
         self.weight, self.bias, self.cpu_linear = weight, bias, cpu_linear
@@ -225,4 +221,4 @@ def use_certified_head(weight: torch.Tensor, rows: int, setting: str | None = No
     if setting == "certified":
         return True
     big = weight.numel() * weight.element_size() >= AUTO_MIN_BYTES
-    return big and _bf16_supported() and _certified_pays(weight, rows)
+    return big and bf16_supported() and _certified_pays(weight, rows)

@@ -108,6 +108,7 @@ def test_inductor_runs_the_drafter_step_from_a_compiled_package(tmp_path):
     HF, and the package is cached for the next start."""
     from jetspec_compile.backends import aoti
     from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, ParallelDrafter
+    from jetspec_compile.kernels import cpu_linear
 
     model = make_model("llama")
     model.generation_config.eos_token_id = None
@@ -116,11 +117,13 @@ def test_inductor_runs_the_drafter_step_from_a_compiled_package(tmp_path):
     for shape in ({"style": "jetspec"}, {"style": "dflash", "mask_token_id": VOCAB - 1}):
         cfg = DrafterConfig.for_target(model.config, (0, 1), num_layers=1, block_size=4, **shape)
         drafter = JetSpecDrafter(ParallelDrafter(cfg, model.get_input_embeddings(), model.get_output_embeddings()))
-        eager = js.optimize(model, drafter=drafter, budget=6, max_cache_len=96, fallback=False, self_check=False)
+        # fp32: the package and the eager step draft the same trees (bf16 ones could round differently)
+        eager = js.optimize(model, drafter=drafter, budget=6, max_cache_len=96, fallback=False, self_check=False,
+                            drafter_dtype="float32")
         assert torch.equal(eager.generate(ids, max_new_tokens=24), expected)
         JETSPEC["aoti"].clear()
         spec = js.optimize(model, backend="inductor", artifact_dir=str(tmp_path), drafter=drafter, budget=6,
-                           max_cache_len=96, fallback=False, self_check=False)
+                           max_cache_len=96, fallback=False, self_check=False, drafter_dtype="float32")
         assert isinstance(spec.runtime_drafter().step_fn, aoti.AotiDraftStep)
         assert torch.equal(spec.generate(ids, max_new_tokens=24), expected)
         _, hidden = spec.verifier(1).prefill(ids)  # the package drafts the trees the eager step drafts
@@ -131,3 +134,10 @@ def test_inductor_runs_the_drafter_step_from_a_compiled_package(tmp_path):
         assert trees[0] == trees[1] and len(trees[0][0][0]) == 6
         assert JETSPEC["aoti"] == {"compiled": 1, "loaded": 1}
     assert len(list(tmp_path.glob("draft_*.pt2"))) == 2
+    if cpu_linear.bf16_supported():  # a bf16 network compiles into a package of its own, as lossless
+        spec = js.optimize(model, backend="inductor", artifact_dir=str(tmp_path), drafter=drafter, budget=6,
+                           max_cache_len=96, fallback=False, self_check=False, drafter_dtype="bfloat16")
+        runtime = spec.runtime_drafter()
+        assert isinstance(runtime.step_fn, aoti.AotiDraftStep) and runtime.model.fc.weight.dtype == torch.bfloat16
+        assert torch.equal(spec.generate(ids, max_new_tokens=24), expected)
+        assert len(list(tmp_path.glob("draft_*.pt2"))) == 3

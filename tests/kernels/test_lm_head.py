@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from jetspec_compile.kernels import lm_head
+from jetspec_compile.kernels import cpu_linear, lm_head
 from jetspec_compile.kernels.lm_head import LMHead, lm_head_setting, use_certified_head
 
-pytestmark = pytest.mark.skipif(not lm_head._bf16_supported(), reason="this PyTorch build has no oneDNN bf16 GEMM")
+pytestmark = pytest.mark.skipif(not cpu_linear.bf16_supported(),
+                                reason="this PyTorch build has no oneDNN bf16 GEMM")
 
 
 def _weights(vocab=3000, width=96, bias=False, seed=0):

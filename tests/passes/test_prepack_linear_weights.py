@@ -238,3 +238,22 @@ def test_a_bad_kernel_setting_is_a_clear_error(monkeypatch):
     step, _ = build_verify_step(make_model("llama"), budget=4)
     with pytest.raises(ValueError, match="blas"):
         lower_inductor(step)
+
+
+@pytest.mark.skipif(not module.bf16_supported(), reason="this PyTorch build has no oneDNN bf16 GEMM")
+def test_bf16_linears_run_from_a_onednn_packed_copy(monkeypatch):
+    """A bf16 drafter's linears: oneDNN's packed bf16 GEMM (MKL has none) whatever the setting, at every packed row
+    count; one row stays a plain GEMV."""
+    monkeypatch.setenv("JETSPEC_CPU_LINEAR", "mkl")  # not applicable to bf16: oneDNN all the same
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=g).bfloat16()
+    bias = torch.randn(48, generator=g).bfloat16()
+    for rows in (1, MIN_ROWS, 8, MAX_ROWS):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        with torch.no_grad():
+            out = module.packed_linear(x, weight, bias, setting="mkl")
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), torch.nn.functional.linear(x.float(), weight.float(), bias.float()),
+                                   atol=0.05, rtol=0.02)
+    packed = module._PACKED[id(weight)][2]
+    assert sorted(packed) == [MIN_ROWS, 8, MAX_ROWS] and {k for _, k, _ in packed.values()} == {"onednn"}

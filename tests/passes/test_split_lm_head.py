@@ -11,13 +11,14 @@ from jetspec_compile import TreeVerifier
 from jetspec_compile.backends import lower_eager
 from jetspec_compile.compiler import build_verify_step
 from jetspec_compile.drafter import NGramDrafter
-from jetspec_compile.kernels import lm_head
+from jetspec_compile.kernels import cpu_linear
 from jetspec_compile.passes import split_lm_head
 from jetspec_compile.tree import TreeSpec
 from tests.families import VOCAB, make_model
 from tests.reference import random_tree
 
-pytestmark = pytest.mark.skipif(not lm_head._bf16_supported(), reason="this PyTorch build has no oneDNN bf16 GEMM")
+pytestmark = pytest.mark.skipif(not cpu_linear.bf16_supported(),
+                                reason="this PyTorch build has no oneDNN bf16 GEMM")
 
 certified = functools.partial(lower_eager, lm_head="certified")
 
