@@ -15,7 +15,7 @@ so many more prompts fit in the same time. The references (HF ``generate``, EOS 
     python benchmarks/bench_tau.py [--drafter smollm2 [OTHER ...]] [--sets humaneval gsm sharegpt]
                                    [--budgets 8 16 32 64] [--widths 4] [--limit 5] [--path-branches 3]
                                    [--draft-vocab 0 2048 4096] [--lookup-nodes auto 0] [--corpus on off]
-                                   [--replay] [--json tau.json] [--plot tau.png]
+                                   [--drafter-dtype float32 bfloat16] [--replay] [--json tau.json] [--plot tau.png]
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main() -> None:
                          "other sizes are the most frequent tokens of --data")
     ap.add_argument("--data", help="self-distillation JSONL the vocabulary is counted in "
                                    "(default: <cache>/data/smollm2_selfdistill.jsonl)")
+    ap.add_argument("--drafter-dtype", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                    help="what the drafter's network computes in (JetSpecConfig.drafter_dtype); several are compared")
     ap.add_argument("--replay", action="store_true",
                     help="replay the drafters on cached greedy references instead of running the loop (faster; "
                          "the same τ up to float rounding in the drafter's ranking)")
@@ -76,15 +78,15 @@ def main() -> None:
     if args.path_branches:
         configs += [("path", b, w, args.path_branches) for b in args.budgets for w in args.widths]
     lookups = [None if n == "auto" else int(n) for n in args.lookup_nodes]
-    configs = [(d,) + c + (v, n, k) for d in args.drafter for c in configs if c[0] in args.shapes
-               for v in args.draft_vocab for n in lookups for k in args.corpus]
+    configs = [(d,) + c + (v, n, k, t) for d in args.drafter for c in configs if c[0] in args.shapes
+               for v in args.draft_vocab for n in lookups for k in args.corpus for t in args.drafter_dtype]
     records = None
     if any(v for v in args.draft_vocab):
         from jetspec_compile.training.data import read_sequences
         records = read_sequences(args.data or cache_dir() / "data" / "smollm2_selfdistill.jsonl")
     results = []
     bar = tqdm(total=len(configs) * sum(map(len, prompts.values())), desc="τ", unit="gen")
-    for folder, shape, budget, width, branches, vocab, lookup, corpus in configs:
+    for folder, shape, budget, width, branches, vocab, lookup, corpus, dtype in configs:
         drafter = load_jetspec_drafter(folder, model, width=width, path_branches=branches, lookup_nodes=lookup,
                                        corpus=corpus == "on")
         if vocab is not None:
@@ -92,7 +94,9 @@ def main() -> None:
             drafter = JetSpecDrafter(drafter.model.restrict_vocab(ids), width=width, path_branches=branches,
                                      lookup_nodes=lookup, corpus=drafter.corpus)
         vocab = drafter.model.cfg.draft_vocab_size
-        spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False)
+        spec = js.optimize(model, drafter=drafter, budget=budget, max_cache_len=1024, fallback=False,
+                           drafter_dtype=dtype)
+        name = folder if len(args.drafter_dtype) == 1 else f"{folder}:{dtype}"
         for s, items in prompts.items():
             per_prompt = []  # [tokens, steps] of every prompt: τ, and paired comparisons between drafters
             draft_seconds = verify_seconds = 0.0
@@ -119,13 +123,13 @@ def main() -> None:
                 per_prompt.append([sum(k * v for k, v in hist.items()), sum(hist.values())])
                 bar.update(1)
             tokens, steps = map(sum, zip(*per_prompt))
-            results.append({"drafter": folder, "set": s, "shape": shape, "budget": budget, "width": width,
+            results.append({"drafter": name, "set": s, "shape": shape, "budget": budget, "width": width,
                             "draft_vocab": vocab, "lookup_nodes": lookup, "corpus": corpus, "tau": tokens / steps,
                             "draft_ms": None if args.replay else 1e3 * draft_seconds / steps,
                             "verify_ms": None if args.replay else 1e3 * verify_seconds / steps,
                             "identical": "replay" if args.replay else identical, "per_prompt": per_prompt})
     bar.close()
-    named = len(args.drafter) > 1
+    named = len(args.drafter) > 1 or len(args.drafter_dtype) > 1
     print(("drafter " if named else "") + f"{'set':10s} {'shape':6s} {'budget':>6s} {'width':>5s} {'vocab':>6s} "
           f"{'lookup':>6s} {'corpus':>6s} {'tau':>6s} {'draft ms':>8s} {'verify ms':>9s} identical")
     for r in results:

@@ -362,6 +362,19 @@ def lm_head_report(specs: dict) -> tuple[dict, str]:
     return data, "\n".join(lines)
 
 
+def drafter_dtype_report(specs: dict) -> tuple[dict, str]:
+    """What each spec's drafter network computed in (``JetSpecConfig.drafter_dtype`` as resolved on this CPU);
+    specs whose drafter has no network (n-gram) are left out. Returns the data and a one-line text ("" if none)."""
+    data = {}
+    for name, spec in specs.items():
+        network = getattr(spec.runtime_drafter(), "model", None)
+        weight = getattr(getattr(network, "fc", None), "weight", None)
+        if weight is not None:
+            data[name] = str(weight.dtype).removeprefix("torch.")
+    text = ("Drafter network computed in: " + ", ".join(f"{n} {d}" for n, d in data.items())) if data else ""
+    return data, text
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     """Index of the first token where ``a`` and ``b`` differ (the shorter length if one is a prefix)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -623,7 +636,8 @@ def run_bench_cli(args) -> None:
         result["peers"] = {name: {"vllm": p.version, "config": p.config.__dict__, "ld_preload": p.ld_preload}
                            for name, p in peers.items()}
         result["lm_heads"], heads = lm_head_report(specs)
-        table = markdown(result["summary"], result["methods"]) + "\n\n" + heads
+        result["drafter_dtypes"], drafters = drafter_dtype_report(specs)
+        table = markdown(result["summary"], result["methods"]) + "\n\n" + heads + ("\n" + drafters if drafters else "")
         if peers:
             table += "\n\n" + step_cost_markdown(result["summary"], result["methods"])
             table += "\n\n" + identity_report(result["records"], result["methods"])

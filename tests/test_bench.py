@@ -62,10 +62,10 @@ def test_lm_head_report_says_where_each_spec_took_its_argmax():
     import jetspec_compile as js
     from jetspec_compile.bench import lm_head_report
     from jetspec_compile.drafter import NGramDrafter
-    from jetspec_compile.kernels import lm_head
+    from jetspec_compile.kernels import cpu_linear
     from tests.families import VOCAB, make_model
 
-    if not lm_head._bf16_supported():
+    if not cpu_linear.bf16_supported():
         pytest.skip("this PyTorch build has no oneDNN bf16 GEMM")
     model = make_model("llama")
     specs = {name: js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=64, lm_head=setting)
@@ -79,3 +79,25 @@ def test_lm_head_report_says_where_each_spec_took_its_argmax():
     assert data["exact"] == {"budgets": {"1": "fp32 in the graph", "4": "fp32 in the graph"},
                              "candidates_per_row": None, "fallback_rows": 0}
     assert "certified: budget 1 certified, budget 4 certified;" in text and "exact: budget 1 fp32" in text
+
+
+def test_drafter_dtype_report_says_what_each_drafter_computed_in():
+    import jetspec_compile as js
+    from jetspec_compile.bench import drafter_dtype_report
+    from jetspec_compile.drafter import DrafterConfig, JetSpecDrafter, NGramDrafter, ParallelDrafter
+    from jetspec_compile.kernels import cpu_linear
+    from tests.families import make_model
+
+    model = make_model("llama")
+    cfg = DrafterConfig.for_target(model.config, (0, 1), num_layers=1, block_size=4)
+    net = ParallelDrafter(cfg, model.get_input_embeddings(), model.get_output_embeddings())
+    specs = {"fp32": js.optimize(model, drafter=JetSpecDrafter(net), budget=4, max_cache_len=64,
+                                 drafter_dtype="float32"),
+             "ngram": js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=64)}
+    if cpu_linear.bf16_supported():
+        specs["bf16"] = js.optimize(model, drafter=JetSpecDrafter(net), budget=4, max_cache_len=64,
+                                    drafter_dtype="bfloat16")
+    data, text = drafter_dtype_report(specs)
+    assert data == {"fp32": "float32", **({"bf16": "bfloat16"} if "bf16" in specs else {})}
+    assert text.startswith("Drafter network computed in: fp32 float32")
+    assert drafter_dtype_report({"ngram": specs["ngram"]}) == ({}, "")
