@@ -43,8 +43,8 @@ from ..config import CPU_LINEARS
 
 __all__ = ["MIN_ROWS", "MAX_ROWS", "PREFILL_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting",
            "choose_kernel", "pack_weight", "run_packed", "derived", "packed_weight", "packed_linear",
-           "prepack_supported", "bf16_supported", "native_bf16", "PackedLinear", "with_packed_linears",
-           "PackedLinearMode", "TIMINGS"]
+           "prepack_supported", "bf16_supported", "native_bf16", "cpuinfo_has_bf16", "PackedLinear",
+           "with_packed_linears", "PackedLinearMode", "TIMINGS"]
 
 #: row counts (batch x tree nodes) whose linears are packed per count: one row is a GEMV (no packing to save); above
 #: MAX_ROWS a graph is a prefill chunk, run once per prompt (the model's own prefill packs once, PREFILL_ROWS)
@@ -85,9 +85,15 @@ def native_bf16() -> bool:
     read from ``/proc/cpuinfo``; False where that cannot be read. Without them oneDNN emulates bf16 arithmetic."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+            return cpuinfo_has_bf16(f.read())
     except OSError:
         return False
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """Whether a ``/proc/cpuinfo`` text lists bf16 dot-product instructions (see :func:`native_bf16`)."""
+    flags = {word for line in cpuinfo.splitlines() if line.lower().startswith(("flags", "features"))
+             for word in line.split()}
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 

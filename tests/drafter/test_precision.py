@@ -43,6 +43,17 @@ def test_auto_is_bf16_only_with_the_kernel_and_the_instructions(monkeypatch, ker
     assert precision.resolve_drafter_dtype("float32") == torch.float32
 
 
+def test_bf16_instructions_are_read_from_cpuinfo():
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    skylake = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    sapphire = "flags\t\t: avx512f amx_tile amx_bf16 amx_int8\n"
+    graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
+    neoverse_n1 = "Features\t: fp asimd crc32 atomics\n"
+    assert [cpu_linear.cpuinfo_has_bf16(t) for t in (zen4, skylake, sapphire, graviton3, neoverse_n1)] == [
+        True, False, True, True, False]
+    assert not cpu_linear.cpuinfo_has_bf16("model name\t: something with bf16 in its name\n")  # flags lines only
+
+
 def test_bf16_without_the_kernel_is_refused(monkeypatch):
     monkeypatch.setattr(precision, "bf16_supported", lambda: False)
     with pytest.raises(RuntimeError, match="drafter_dtype='float32'"):
