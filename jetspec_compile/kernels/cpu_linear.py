@@ -1,4 +1,4 @@
-"""Packed fp32 GEMMs for CPU linears with few rows (MKL or oneDNN), chosen per weight shape.
+"""Packed GEMMs for CPU linears with few rows: fp32 (MKL or oneDNN, chosen per weight shape) and bf16 (oneDNN).
 
 A tree-verify or drafter step multiplies a handful of rows (``B*N``, typically 4..32) by every weight. On CPU a
 plain ``aten.linear`` with so few rows goes through a GEMM that re-packs the weight on every call, which costs
@@ -261,9 +261,10 @@ def with_packed_linears(module: nn.Module, kernel: str | None = None) -> nn.Modu
 
 
 class PackedLinearMode(TorchFunctionMode):
-    """While active, every ``F.linear`` (``nn.Linear`` included) runs through :func:`packed_linear` with
+    """While active, every fp32 ``F.linear`` (``nn.Linear`` included) runs through :func:`packed_linear` with
     ``pack_rows`` (default :data:`PREFILL_ROWS`): a model's prefill on packed weights without copying or changing
-    the model. ``kernel``: the setting (see :func:`kernel_setting`), read once here."""
+    the model. ``kernel``: the setting (see :func:`kernel_setting`), read once here. Linears of other dtypes run as
+    the model would run them: a bf16 target's prefill must round as HF's does, so its first token is HF's."""
 
     def __init__(self, kernel: str | None = None, pack_rows: int = PREFILL_ROWS):
         super().__init__()
@@ -271,6 +272,8 @@ class PackedLinearMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:  # the mode is off inside this handler: no recursion
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if func is torch.nn.functional.linear and weight is not None and weight.dtype == torch.float32:
+            # the mode is off inside this handler: no recursion
             return packed_linear(*args, **kwargs, setting=self.setting, pack_rows=self.pack_rows)
         return func(*args, **kwargs)

@@ -257,3 +257,14 @@ def test_bf16_linears_run_from_a_onednn_packed_copy(monkeypatch):
                                    atol=0.05, rtol=0.02)
     packed = module._PACKED[id(weight)][2]
     assert sorted(packed) == [MIN_ROWS, 8, MAX_ROWS] and {k for _, k, _ in packed.values()} == {"onednn"}
+
+
+def test_packed_linear_mode_leaves_other_dtypes_as_the_model_runs_them():
+    """A bf16 target's prefill must round as HF's does (its first token is HF's): the mode packs fp32 only."""
+    linear = torch.nn.Linear(64, 48).bfloat16()
+    x = torch.randn(8, 64).bfloat16()
+    with torch.no_grad():
+        expected = linear(x)
+        with module.PackedLinearMode():
+            out = linear(x)
+    assert torch.equal(out, expected) and id(linear.weight) not in module._PACKED
