@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
-__all__ = ["JetSpecConfig", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "LM_HEADS", "DRAFTER_DTYPES", "PRECISIONS"]
+__all__ = ["JetSpecConfig", "env_setting", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "LM_HEADS", "DRAFTER_DTYPES",
+           "PRECISIONS"]
 
 BACKENDS = ("eager", "inductor", "aoti", "onnxruntime", "tensorrt")
 #: candidates of ``budget="auto"``
@@ -17,6 +19,15 @@ LM_HEADS = ("auto", "certified", "exact")
 #: what a parallel drafter's network computes in on CPU (``drafter_dtype``)
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16")
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def env_setting(value: str | None, variable: str, choices: tuple[str, ...], what: str) -> str:
+    """``value`` if given, else ``$variable``, else ``"auto"``; for anything not in ``choices`` a clear error
+    naming ``what`` and the variable."""
+    value = value or os.environ.get(variable) or "auto"
+    if value not in choices:
+        raise ValueError(f"{what} (argument or {variable}) must be one of {choices}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ distributions are used as computed, so sampling stays exact too.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-from ..config import DRAFTER_DTYPES
+from ..config import DRAFTER_DTYPES, env_setting
 from ..kernels.cpu_linear import bf16_supported, native_bf16
 from .jetspec import JetSpecDrafter
 
@@ -23,11 +22,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def drafter_dtype_setting(setting: str | None) -> str:
     """``setting`` if given, else ``$JETSPEC_DRAFTER_DTYPE``, else ``"auto"``; a clear error for anything else."""
-    setting = setting or os.environ.get("JETSPEC_DRAFTER_DTYPE") or "auto"
-    if setting not in DRAFTER_DTYPES:
-        raise ValueError(f"drafter_dtype (argument or JETSPEC_DRAFTER_DTYPE) must be one of {DRAFTER_DTYPES}, "
-                         f"got {setting!r}")
-    return setting
+    return env_setting(setting, "JETSPEC_DRAFTER_DTYPE", DRAFTER_DTYPES, "drafter_dtype")
 
 
 def resolve_drafter_dtype(setting: str | None) -> torch.dtype:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import statistics
 import time
 import weakref
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..config import CPU_LINEARS
+from ..config import CPU_LINEARS, env_setting
 
 __all__ = ["MIN_ROWS", "MAX_ROWS", "PREFILL_ROWS", "CPU_LINEAR_KERNELS", "available_kernels", "kernel_setting",
            "choose_kernel", "pack_weight", "run_packed", "derived", "packed_weight", "packed_linear",
@@ -99,11 +98,7 @@ def cpuinfo_has_bf16(cpuinfo: str) -> bool:
 
 def kernel_setting(kernel: str | None) -> str:
     """``kernel`` if given, else ``JETSPEC_CPU_LINEAR``, else ``"auto"``; a clear error for anything else."""
-    kernel = kernel or os.environ.get("JETSPEC_CPU_LINEAR") or "auto"
-    if kernel not in CPU_LINEAR_KERNELS:
-        raise ValueError(f"cpu linear kernel (argument or JETSPEC_CPU_LINEAR) must be one of {CPU_LINEAR_KERNELS}, "
-                         f"got {kernel!r}")
-    return kernel
+    return env_setting(kernel, "JETSPEC_CPU_LINEAR", CPU_LINEAR_KERNELS, "cpu linear kernel")
 
 
 #: (out features, in features, rows) -> {kernel: median seconds}, measured once per process

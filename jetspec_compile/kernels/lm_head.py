@@ -30,14 +30,13 @@ the fp32 head on this CPU (bf16 GEMMs are native on AVX512-BF16 / AMX CPUs, emul
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 import weakref
 
 import torch
 
-from ..config import LM_HEADS
+from ..config import LM_HEADS, env_setting
 from .cpu_linear import (MAX_ROWS, bf16_supported, choose_kernel, derived, pack_weight, packed_weight,
                          prepack_supported, run_packed)
 
@@ -63,10 +62,7 @@ _U_FP32 = 2.0 ** -24
 
 def lm_head_setting(setting: str | None) -> str:
     """``setting`` if given, else ``$JETSPEC_LM_HEAD``, else ``"auto"``; a clear error for anything else."""
-    setting = setting or os.environ.get("JETSPEC_LM_HEAD") or "auto"
-    if setting not in LM_HEADS:
-        raise ValueError(f"lm_head (argument or JETSPEC_LM_HEAD) must be one of {LM_HEADS}, got {setting!r}")
-    return setting
+    return env_setting(setting, "JETSPEC_LM_HEAD", LM_HEADS, "lm_head")
 
 
 #: id(weight) -> (weak reference, version, {"head": state}): the bf16 copy and norms (see
