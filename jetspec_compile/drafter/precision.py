@@ -8,7 +8,6 @@ distributions are used as computed, so sampling stays exact too.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..config import DRAFTER_DTYPES, env_setting
