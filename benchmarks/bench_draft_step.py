@@ -23,7 +23,7 @@ import torch
 from jetspec_compile.backends import LoweringOptions, lower_drafter
 from jetspec_compile.drafter import load_jetspec_drafter
 from jetspec_compile.models import load_smollm2
-from jetspec_compile.prompts import encode_chat, load_prompts
+from real_contexts import add_context_args, greedy_answers
 
 DTYPES = ("float32", "bfloat16")
 NEW = 3  # tokens taken in by each timed step
@@ -32,29 +32,19 @@ NEW = 3  # tokens taken in by each timed step
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sets", nargs="+", default=["sharegpt", "humaneval", "gsm"])
-    ap.add_argument("--limit", type=int, default=2, help="test prompts per set")
-    ap.add_argument("--answer-tokens", type=int, default=96)
-    ap.add_argument("--stride", type=int, default=12, help="tokens between two timed steps of an answer")
+    add_context_args(ap, "timed steps")
     ap.add_argument("--budget", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=3, help="passes over every cut")
-    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
     base = load_jetspec_drafter("smollm2", model)
     drafters = {d: lower_drafter(args.backend, base, LoweringOptions(drafter_dtype=d)) for d in DTYPES}
     cuts = []  # (ids [T], taps [T, K*H], cut)
-    for name in args.sets:
-        for prompt in load_prompts(name, "test", args.limit):
-            ids = torch.tensor([encode_chat(tok, prompt)])
-            with torch.no_grad():
-                seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.answer_tokens,
-                                     do_sample=False)
-                states = model(seq, output_hidden_states=True).hidden_states
-            taps = torch.cat([states[layer + 1][0] for layer in base.tap_layers], dim=-1)
-            cuts += [(seq[0], taps, cut) for cut in range(ids.shape[1] + NEW, seq.shape[1], args.stride)]
+    for prompt_len, seq in greedy_answers(model, tok, args.sets, args.limit, args.answer_tokens):
+        with torch.no_grad():
+            states = model(seq[None], output_hidden_states=True).hidden_states
+        taps = torch.cat([states[layer + 1][0] for layer in base.tap_layers], dim=-1)
+        cuts += [(seq, taps, cut) for cut in range(prompt_len + NEW, len(seq), args.stride)]
     times = {d: [] for d in DTYPES}
     same = 0
     with torch.no_grad():

@@ -25,8 +25,8 @@ import torch
 from jetspec_compile import TreeVerifier
 from jetspec_compile.backends import lower_eager, lower_inductor
 from jetspec_compile.models import load_smollm2
-from jetspec_compile.prompts import encode_chat, load_prompts
 from jetspec_compile.tree import TreeSpec
+from real_contexts import add_context_args, greedy_answers
 
 SETTINGS = ("exact", "certified")
 BUDGETS = (1, 8)
@@ -35,24 +35,11 @@ BUDGETS = (1, 8)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sets", nargs="+", default=["sharegpt", "humaneval", "gsm"])
-    ap.add_argument("--limit", type=int, default=2, help="test prompts per set")
-    ap.add_argument("--answer-tokens", type=int, default=96)
-    ap.add_argument("--stride", type=int, default=12, help="tokens between two cuts of an answer")
-    ap.add_argument("--reps", type=int, default=3, help="passes over every cut")
-    ap.add_argument("--json", help="write the results here")
+    add_context_args(ap, "cuts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    sequences = []
-    for name in args.sets:
-        for prompt in load_prompts(name, "test", args.limit):
-            ids = torch.tensor([encode_chat(tok, prompt)])
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.answer_tokens,
-                                     do_sample=False)
-            sequences.append((ids.shape[1], out[0]))
+    sequences = greedy_answers(model, tok, args.sets, args.limit, args.answer_tokens)
     lower = lower_inductor if args.backend == "inductor" else lower_eager
     longest = max(len(seq) for _, seq in sequences)
     verifiers = {}
