@@ -441,7 +441,9 @@ def _finish_plot(plt, fig, ax, title: str, path: Path, paths: list[Path], legend
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:
-    """Speedup vs budget, τ per prompt set, acceptance histogram, tokens-over-time trace (PNG)."""
+    """Tokens/s of every engine per prompt set (each speculative bar labelled with its ratio to the set's strongest
+    peer, where peers ran), speedup vs budget, τ per prompt set, acceptance histogram, tokens-over-time trace
+    (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -451,6 +453,24 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     sets = [s for s in summary if s != "peak_rss_mb"]
     spec_methods = [m for m in methods if m.startswith("jetspec")]
     paths = []
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets) * len(methods) / 3), 4))
+    width = 0.8 / max(1, len(methods))
+    for k, m in enumerate(methods):
+        xs = [i + k * width for i in range(len(sets))]
+        rates = [summary[s].get(m, {}).get("tokens_per_second", 0.0) for s in sets]
+        bars = ax.bar(xs, rates, width, label=m)
+        for bar, s in zip(bars, sets):
+            vp = summary[s].get(m, {}).get("vs_peer")
+            if vp and m.startswith("jetspec"):
+                ax.annotate(f"{vp['median']:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(sets))], sets)
+    ax.set_ylabel("tokens/s (median over prompts)")
+    title = "Tokens/s per engine" + (" (label: × the set's strongest peer, per-prompt median)" if any(
+        "vs_peer" in summary[s].get(m, {}) for s in sets for m in spec_methods) else "")
+    ax.legend(fontsize=7)
+    _finish_plot(plt, fig, ax, title, out_dir / "engines_per_set.png", paths, legend=False)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     fixed = [m for m in spec_methods if m.rsplit("-b", 1)[1].isdigit()]

@@ -24,7 +24,8 @@ def test_summary_ratios_skip_warmup_and_plots_are_written(tmp_path):
     assert entry["tau"] == 2.0 and entry["histogram"] == {1: 6, 3: 6}  # two counted prompts, summed
     assert "| s | jetspec-b8 |" in markdown(summary, methods)
     paths = plot({"summary": summary, "methods": methods, "records": records()}, tmp_path)
-    assert len(paths) == 4 and all(p.stat().st_size > 1000 for p in paths)
+    assert len(paths) == 5 and all(p.stat().st_size > 1000 for p in paths)
+    assert paths[0].name == "engines_per_set.png"
 
 
 def test_sampled_rows_are_compared_with_hf_sampling():
