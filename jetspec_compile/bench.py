@@ -440,6 +440,16 @@ def _finish_plot(plt, fig, ax, title: str, path: Path, paths: list[Path], legend
     paths.append(path)
 
 
+def _grouped_bars(ax, groups: list[str], series: list[str], value) -> dict:
+    """One bar per series in every group (``value(group, series)`` high), groups labelled on the x axis; returns
+    each series' bars."""
+    width = 0.8 / max(1, len(series))
+    bars = {m: ax.bar([i + k * width for i in range(len(groups))], [value(g, m) for g in groups], width, label=m)
+            for k, m in enumerate(series)}
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups)
+    return bars
+
+
 def plot(result: dict, out_dir: Path) -> list[Path]:
     """Tokens/s of every engine per prompt set (each speculative bar labelled with its ratio to the set's strongest
     peer, where peers ran), speedup vs budget, τ per prompt set, acceptance histogram, tokens-over-time trace
@@ -455,17 +465,13 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets) * len(methods) / 3), 4))
-    width = 0.8 / max(1, len(methods))
-    for k, m in enumerate(methods):
-        xs = [i + k * width for i in range(len(sets))]
-        rates = [summary[s].get(m, {}).get("tokens_per_second", 0.0) for s in sets]
-        bars = ax.bar(xs, rates, width, label=m)
-        for bar, s in zip(bars, sets):
+    bars = _grouped_bars(ax, sets, methods, lambda s, m: summary[s].get(m, {}).get("tokens_per_second", 0.0))
+    for m in spec_methods:
+        for bar, s in zip(bars[m], sets):
             vp = summary[s].get(m, {}).get("vs_peer")
-            if vp and m.startswith("jetspec"):
+            if vp:
                 ax.annotate(f"{vp['median']:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7)
-    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(sets))], sets)
     ax.set_ylabel("tokens/s (median over prompts)")
     title = "Tokens/s per engine" + (" (label: × the set's strongest peer, per-prompt median)" if any(
         "vs_peer" in summary[s].get(m, {}) for s in sets for m in spec_methods) else "")
@@ -488,10 +494,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     _finish_plot(plt, fig, ax, "Speedup vs tree budget", out_dir / "speedup_vs_budget.png", paths)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.8 / max(1, len(spec_methods))
-    for k, m in enumerate(spec_methods):
-        ax.bar([i + k * width for i in range(len(sets))], [summary[s][m]["tau"] for s in sets], width, label=m)
-    ax.set_xticks([i + width * (len(spec_methods) - 1) / 2 for i in range(len(sets))], sets)
+    _grouped_bars(ax, sets, spec_methods, lambda s, m: summary[s][m]["tau"])
     ax.set_ylabel("mean accepted length τ")
     _finish_plot(plt, fig, ax, "τ per prompt set", out_dir / "tau_per_set.png", paths)
 
