@@ -466,15 +466,16 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets) * len(methods) / 3), 4))
     bars = _grouped_bars(ax, sets, methods, lambda s, m: summary[s].get(m, {}).get("tokens_per_second", 0.0))
+    labelled = False
     for m in spec_methods:
         for bar, s in zip(bars[m], sets):
             vp = summary[s].get(m, {}).get("vs_peer")
             if vp:
                 ax.annotate(f"{vp['median']:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7)
+                labelled = True
     ax.set_ylabel("tokens/s (median over prompts)")
-    title = "Tokens/s per engine" + (" (label: × the set's strongest peer, per-prompt median)" if any(
-        "vs_peer" in summary[s].get(m, {}) for s in sets for m in spec_methods) else "")
+    title = "Tokens/s per engine" + (" (label: × the set's strongest peer, per-prompt median)" if labelled else "")
     ax.legend(fontsize=7)
     _finish_plot(plt, fig, ax, title, out_dir / "engines_per_set.png", paths, legend=False)
 
