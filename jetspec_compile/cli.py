@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     tr.add_argument("--model", default="smollm2", help="'smollm2' or a local HF checkpoint folder")
     tr.add_argument("--out", required=True, help="output folder (checkpoints, train state)")
     tr.add_argument("--prompts", nargs="+", default=list(RECIPE.prompts),
-                    help="prompt sets (humaneval gsm codeio pyfunc sharegpt) and/or .jsonl files")
+                    help="prompt sets (humaneval gsm codeio pyfunc sharegpt sharegpt-turns) and/or .jsonl files")
     tr.add_argument("--limit", type=int, default=RECIPE.limit, help="prompts per set")
     tr.add_argument("--data", help="self-distillation JSONL (default: <cache>/data/<model name>_selfdistill.jsonl, "
                                    "shared by every run on that model)")

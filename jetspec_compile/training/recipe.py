@@ -96,7 +96,8 @@ class Recipe:
             raise ValueError(f"sample_sets {sorted(unknown)} are not among prompts {list(self.prompts)}; name sets "
                              "that are also in prompts")
         if not self.prompts:
-            raise ValueError("no training prompts: name prompt sets (humaneval pyfunc gsm codeio) or .jsonl files")
+            raise ValueError("no training prompts: name prompt sets (humaneval pyfunc gsm codeio sharegpt "
+                             "sharegpt-turns) or .jsonl files")
         if self.style != "dflash" and (not self.causal or self.mask_token_id is not None):
             raise ValueError("a bidirectional block and a mask token id belong to the 'dflash' style")
 
