@@ -5,7 +5,8 @@ hits every variant alike):
 
 1. **Isolated steps** at a fixed committed context: one HF decoding step (``model(..)`` with its dynamic cache),
    one verify step at budget 1 (plain decoding through our graph) and at ``--budget`` nodes, each split into the
-   graph call and the host work around it (``TreeVerifier.verify``: tree tensors, cache views, input dict), and
+   graph call and the host work around it (``TreeVerifier.verify_greedy``, what greedy decoding runs: tree
+   tensors, cache views, input dict, and the argmax of the LM head where the lowering split it off), and
    one draft step (the drafter network ``step_fn`` and the tree building around it). Median and minimum of
    ``--reps`` runs.
 2. **Per-op tables** (``torch.profiler``, self CPU time) of the verify steps and the draft step.
@@ -138,7 +139,7 @@ def profile_backend(model, tok, backend: str, args) -> dict:
         graph_timers[n] = verifier._graphs[n] = _Timed(verifier._graphs[n])
 
     def verify_step(n):
-        verifier.verify(torch.randint(100, 20000, (1, n)), _tree(n))
+        verifier.verify_greedy(torch.randint(100, 20000, (1, n)), _tree(n))
         verifier._pending = None  # discard: the cache pointer did not move
 
     step_timer = _Timed(drafter.step_fn)
@@ -209,7 +210,7 @@ def _component_table(verifier, n: int, args) -> dict:
     verifier._run = timed_run
     try:
         for _ in range(args.profile_reps):
-            verifier.verify(torch.randint(100, 20000, (1, n)), _tree(n))
+            verifier.verify_greedy(torch.randint(100, 20000, (1, n)), _tree(n))
             verifier._pending = None
     finally:
         del verifier._run
