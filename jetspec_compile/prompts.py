@@ -236,7 +236,8 @@ def _sharegpt_text() -> str:
 
 
 def load_prompts(name: str, split: str = "test", limit: int | None = None) -> list[str]:
-    """Prompts of set ``name`` (one of :data:`PROMPT_SETS`) for ``split`` ("train" or "test")."""
+    """Prompts of set ``name`` (one of :data:`PROMPT_SETS`) for ``split`` ("train" or "test"; the sets of
+    :data:`TRAIN_ONLY` have a train split only)."""
     if split not in _SEEDS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name in TRAIN_ONLY and split != "train":
