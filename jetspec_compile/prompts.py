@@ -157,18 +157,28 @@ def sharegpt_first_turns(conversations) -> dict[str, list[str]]:
     conversation."""
     seen, splits = set(), {"train": [], "test": []}
     for conv in conversations:
-        part = str(conv.get("id", "")).rpartition("_")[2]
         turns = conv.get("conversations") or []
-        if (part.isdigit() and part != "0") or not turns or turns[0].get("from") not in ("human", "user"):
+        if _continues(conv) or not turns or turns[0].get("from") not in ("human", "user"):
             continue
         text = turns[0].get("value", "").strip()
         key = _normalise(text)
-        if (key in seen or len(text) > SHAREGPT_MAX_CHARS or len(key.split()) < SHAREGPT_MIN_WORDS
-                or not _looks_english(text)):
+        if key in seen or not _standalone(text, key, SHAREGPT_MIN_WORDS):
             continue
         seen.add(key)
         splits["test" if _held_out(key) else "train"].append(text)
     return splits
+
+
+def _continues(conv) -> bool:
+    """Whether a ShareGPT V3 item is a later part (``<id>_1``, ``<id>_2``, ...) of a conversation cut in parts."""
+    part = str(conv.get("id", "")).rpartition("_")[2]
+    return part.isdigit() and part != "0"
+
+
+def _standalone(text: str, key: str, min_words: int) -> bool:
+    """Whether a user turn (``key``: its normalised text) is kept as a request: English, ``min_words`` words to
+    ``SHAREGPT_MAX_CHARS`` characters."""
+    return len(text) <= SHAREGPT_MAX_CHARS and len(key.split()) >= min_words and _looks_english(text)
 
 
 def _held_out(key: str) -> bool:
@@ -184,13 +194,11 @@ def sharegpt_later_turns(conversations, first_turns) -> list[str]:
     exclude = {_normalise(t) for t in first_turns}
     out = []
     for conv in conversations:
-        part = str(conv.get("id", "")).rpartition("_")[2]
         users = [t.get("value", "").strip() for t in conv.get("conversations") or []
                  if t.get("from") in ("human", "user")]
-        for text in users if part.isdigit() and part != "0" else users[1:]:
+        for text in users if _continues(conv) else users[1:]:
             key = _normalise(text)
-            if (key in exclude or len(text) > SHAREGPT_MAX_CHARS or len(key.split()) < SHAREGPT_LATER_MIN_WORDS
-                    or not _looks_english(text) or _held_out(key)):
+            if key in exclude or not _standalone(text, key, SHAREGPT_LATER_MIN_WORDS) or _held_out(key):
                 continue
             exclude.add(key)
             out.append(text)
