@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .drafter import NGramDrafter, load_jetspec_drafter
 from .peers import PEERS, PeerConfig, PeerUnavailable, VLLMPeer
-from .prompts import encode_chat, load_jsonl, load_prompts
+from .prompts import PROMPT_SETS, TRAIN_ONLY, encode_chat, load_jsonl, load_prompts
 from .runtime.spec_model import optimize
 from .targets import load_target
 
@@ -42,7 +42,8 @@ def add_bench_arguments(ap) -> None:
     ap.add_argument("--drafter", default="smollm2",
                     help="drafter checkpoint folder, 'smollm2' (shipped) or 'ngram' (training-free)")
     ap.add_argument("--prompts", nargs="+", default=["humaneval", "gsm"],
-                    help="prompt sets (humaneval gsm codeio pyfunc sharegpt) and/or .jsonl files; test split")
+                    help=f"prompt sets ({' '.join(s for s in PROMPT_SETS if s not in TRAIN_ONLY)}) and/or .jsonl "
+                         "files; test split")
     ap.add_argument("--limit", type=int, default=8, help="prompts per set (plus one warm-up)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--budgets", nargs="+", default=["8"], help="tree budgets to run (ints or 'auto')")

@@ -28,7 +28,7 @@ from .drafter import CorpusIndex, drafter_folder, load_corpus, load_drafter, loa
 from .drafter.corpus import CORPUS_FILE
 from .errors import JetSpecError
 from .peers import PeerUnavailable
-from .prompts import encode_chat, load_prompts
+from .prompts import PROMPT_SETS, encode_chat, load_prompts
 from .targets import load_target, selfdistill_path
 from .training.data import read_sequences
 from .training.recipe import GENERATORS, Recipe, draft_vocab_of, train_from_prompts
@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     tr.add_argument("--model", default="smollm2", help="'smollm2' or a local HF checkpoint folder")
     tr.add_argument("--out", required=True, help="output folder (checkpoints, train state)")
     tr.add_argument("--prompts", nargs="+", default=list(RECIPE.prompts),
-                    help="prompt sets (humaneval gsm codeio pyfunc sharegpt sharegpt-turns) and/or .jsonl files")
+                    help=f"prompt sets ({' '.join(PROMPT_SETS)}) and/or .jsonl files")
     tr.add_argument("--limit", type=int, default=RECIPE.limit, help="prompts per set")
     tr.add_argument("--data", help="self-distillation JSONL (default: <cache>/data/<model name>_selfdistill.jsonl, "
                                    "shared by every run on that model)")

@@ -19,7 +19,7 @@ from ..drafter.model import DrafterConfig
 from ..drafter.vocab import frequent_tokens
 from ..passes import default_tap_layers
 from ..paths import cache_dir
-from ..prompts import load_jsonl, load_prompts
+from ..prompts import PROMPT_SETS, load_jsonl, load_prompts
 from .data import MAX_PROMPT_TOKENS, read_sequences, regenerate
 from .train import TrainConfig, compute_features, evaluate, train_drafter
 
@@ -96,8 +96,7 @@ class Recipe:
             raise ValueError(f"sample_sets {sorted(unknown)} are not among prompts {list(self.prompts)}; name sets "
                              "that are also in prompts")
         if not self.prompts:
-            raise ValueError("no training prompts: name prompt sets (humaneval pyfunc gsm codeio sharegpt "
-                             "sharegpt-turns) or .jsonl files")
+            raise ValueError(f"no training prompts: name prompt sets ({' '.join(PROMPT_SETS)}) or .jsonl files")
         if self.style != "dflash" and (not self.causal or self.mask_token_id is not None):
             raise ValueError("a bidirectional block and a mask token id belong to the 'dflash' style")
 
