@@ -37,7 +37,8 @@ from .training.train import TrainConfig
 
 def cmd_train(args) -> None:
     train = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
-                        sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob)
+                        sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob,
+                        gamma=args.gamma)
     unknown = set(args.sample_sets or ()) - set(args.prompts)
     if unknown:  # before anything loads or regenerates
         raise SystemExit(f"--sample-sets {sorted(unknown)} not among --prompts {args.prompts}; name sets that are "
@@ -223,6 +224,8 @@ def main(argv=None) -> None:
     tr.add_argument("--anchors", type=int, default=RECIPE.train.anchors_per_sequence)
     tr.add_argument("--sequences-per-step", type=int, default=RECIPE.train.sequences_per_step)
     tr.add_argument("--loss", choices=["ce", "kl"], default=RECIPE.train.loss)
+    tr.add_argument("--gamma", type=float, default=RECIPE.train.gamma,
+                    help="loss weight of depth k is exp(-(k-1)/gamma): smaller puts more of it on the first depths")
     tr.add_argument("--reveal-prob", type=float, default=RECIPE.train.reveal_prob,
                     help="share of blocks trained with their first 1-2 path tokens given (path-conditioned trees)")
     tr.add_argument("--init-from", help="fine-tune this drafter checkpoint folder ('smollm2': the shipped one) on "

@@ -78,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"loss must be 'ce' or 'kl', got {self.loss!r}")
         if self.epochs < 1 or self.anchors_per_sequence < 1 or self.sequences_per_step < 1:
             raise ValueError("epochs, anchors_per_sequence and sequences_per_step must be >= 1")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma (the depth weighting's decay) must be > 0, got {self.gamma}")
         if not 0.0 <= self.reveal_prob <= 1.0 or self.max_reveal < 1:
             raise ValueError(f"reveal_prob must lie in [0, 1] and max_reveal be >= 1, got {self.reveal_prob}, "
                              f"{self.max_reveal}")

@@ -171,6 +171,17 @@ def test_feature_cache_skips_the_target_and_never_serves_stale_features(setup, t
     assert model_fingerprint(make_model("llama")) == model_fingerprint(target)
 
 
+def test_depth_weighting_gamma_reaches_the_loss(setup, tmp_path):
+    """``gamma`` sets how much the deeper block positions weigh: the same seed and data with another gamma must
+    give other weights (nothing else differs between the two runs)."""
+    target, feats, cfg = setup
+    near = train_drafter(target, feats, cfg, small(epochs=1, gamma=0.05), tmp_path / "near", progress=False)
+    flat = train_drafter(target, feats, cfg, small(epochs=1, gamma=50.0), tmp_path / "flat", progress=False)
+    same = train_drafter(target, feats, cfg, small(epochs=1, gamma=0.05), tmp_path / "same", progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(near.state_dict().values(), flat.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(near.state_dict().values(), same.state_dict().values()))
+
+
 def test_bad_training_input_is_refused(setup, tmp_path):
     target, feats, cfg = setup
     with pytest.raises(ValueError, match="at least 2 sequences"):
@@ -180,6 +191,8 @@ def test_bad_training_input_is_refused(setup, tmp_path):
         TrainConfig(loss="mse")
     with pytest.raises(ValueError, match="reveal_prob"):
         TrainConfig(reveal_prob=1.5)
+    with pytest.raises(ValueError, match="gamma"):
+        TrainConfig(gamma=0.0)
     with pytest.raises(TypeError):
         TrainConfig(learning_rate=1.0)
 
