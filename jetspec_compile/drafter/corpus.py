@@ -144,8 +144,10 @@ class CorpusIndex:
 
     def tree(self, context: Sequence[int], nodes: int, depth: int) -> tuple[tuple[int, ...], TreeSpec, list[float]]:
         """:meth:`trie` cut to its ``nodes`` best-scored nodes (root included; a child never outscores its parent,
-        ties go to the shallower node, so parents come first): ``(tokens, tree, scores)``; ``scores[0] = 0``."""
-        return self.trie(context, depth).best(max(1, nodes), with_scores=True)
+        ties go to the shallower node, so parents come first): ``(tokens, tree, scores)``; ``scores[0] = 0``. A
+        path of ``nodes`` nodes reaches at most ``nodes - 1`` below the root, so the trie is built no deeper."""
+        nodes = max(1, nodes)
+        return self.trie(context, min(depth, nodes - 1)).best(nodes, with_scores=True)
 
     def save(self, path: str | Path) -> Path:
         """Write the corpus tokens to ``path`` (a ``.safetensors`` file), atomically."""

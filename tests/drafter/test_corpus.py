@@ -77,6 +77,18 @@ def test_trie_scores_are_smoothed_shares_and_parents_come_first():
     assert corpus.tree([42, 43], nodes=5, depth=4)[0] == (43,)
 
 
+def test_a_node_budget_builds_no_deeper_than_it_can_keep_and_keeps_the_same_tree():
+    """``tree`` builds its trie only ``nodes - 1`` deep (a cost cut): its nodes, order and scores must equal those of
+    the full-depth trie cut to the same budget."""
+    rng = random.Random(1)
+    seqs = [[rng.randrange(6) for _ in range(rng.randrange(1, 40))] for _ in range(60)]
+    corpus = CorpusIndex(seqs, max_ngram=3, min_ngram=1)
+    for _ in range(100):
+        context = [rng.randrange(6) for _ in range(rng.randrange(1, 6))]
+        for nodes in (1, 2, 3, 5, 8):
+            assert corpus.tree(context, nodes, 16) == corpus.trie(context, 16).best(nodes, with_scores=True)
+
+
 def test_merge_keeps_the_best_nodes_of_both_trees_within_the_budget():
     rng = random.Random(1)
     for trial in range(50):
