@@ -36,9 +36,12 @@ from .training.train import TrainConfig
 
 
 def cmd_train(args) -> None:
-    train = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
-                        sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob,
-                        gamma=args.gamma)
+    try:
+        train = TrainConfig(epochs=args.epochs, lr=args.lr, anchors_per_sequence=args.anchors, seed=args.seed,
+                            sequences_per_step=args.sequences_per_step, loss=args.loss, reveal_prob=args.reveal_prob,
+                            gamma=args.gamma)
+    except ValueError as err:  # a bad option value: say which, without a traceback, before anything loads
+        raise SystemExit(f"train-drafter: {err}") from None
     unknown = set(args.sample_sets or ()) - set(args.prompts)
     if unknown:  # before anything loads or regenerates
         raise SystemExit(f"--sample-sets {sorted(unknown)} not among --prompts {args.prompts}; name sets that are "
