@@ -7,11 +7,17 @@ tokens on average; the controller runs the budget with the best ``τ_b / t_b``. 
 ``τ_b`` for every ``b`` up to the budget actually used comes for free from each step: draft trees list their
 nodes best-first (parents before children, most likely first), so the tree a smaller budget would have drafted
 is the first ``b`` nodes of the larger one, and the path it would have accepted is the part of the accepted path
-inside those nodes. ``t_b`` is measured whenever budget ``b`` runs (exponential moving averages). Every
-``probe_every`` steps the next budget above the current best is probed (one step there also refreshes ``τ`` of
-every smaller budget), so the estimates follow the text; the controller climbs one budget at a time instead of
-paying for the largest tree on every probe (on a CPU a large tree's verify costs several decoding steps). The
-output is unaffected: every budget is lossless.
+inside those nodes. ``t_b`` is measured whenever budget ``b`` runs (exponential moving averages). From time to
+time the next budget above the current best is probed (one step there also refreshes ``τ`` of every smaller
+budget), so the estimates follow the text; the controller climbs one budget at a time instead of paying for the
+largest tree on every probe (on a CPU a large tree's verify costs several decoding steps).
+
+How often: a probe step loses ``t_L / t_best − τ_L / τ_best`` steps of the best budget's time (what it costs,
+less what its tokens would have cost there), so probes come every ``max(probe_every, loss / max_probe_loss)``
+steps: at most ``max_probe_loss`` of the time is lost to them. Where a probe costs about a plain step (batch 1 on
+a CPU: a budget-8 verify is ~1.2 of them) that is every ``probe_every`` steps; where it costs many (a batch of
+16 rows: 8·16 rows through the GEMMs, ~5.6 plain steps for ~1.4 tokens a row) it is rare, instead of losing
+~40% of the time to probes that never win. The output is unaffected: every budget is lossless.
 """
 
 from __future__ import annotations
@@ -27,12 +33,16 @@ class BudgetController:
     Args:
         budgets: candidate budgets (1 = plain decoding); a single budget disables adaptation.
         decay: EMA decay of the τ and cost estimates.
-        probe_every: steps between probes of the next larger budget than the winning one.
+        probe_every: fewest steps between probes of the next larger budget than the winning one.
+        max_probe_loss: share of the time probes may lose against running the winner (sets the spacing of
+            probes that cost more than they return).
     """
 
-    def __init__(self, budgets, decay: float = 0.8, probe_every: int = 4):
+    def __init__(self, budgets, decay: float = 0.8, probe_every: int = 4, max_probe_loss: float = 0.05):
+        if probe_every < 1 or not max_probe_loss > 0:
+            raise ValueError(f"probe_every must be >= 1 and max_probe_loss > 0, got {probe_every}, {max_probe_loss}")
         self.budgets = tuple(sorted(set(budgets)))
-        self.decay, self.probe_every = decay, probe_every
+        self.decay, self.probe_every, self.max_probe_loss = decay, probe_every, max_probe_loss
         self.tau: dict[int, float | None] = {b: (1.0 if b == 1 else None) for b in self.budgets}
         self.cost: dict[int, float | None] = {b: None for b in self.budgets}
         self.since_probe = 0
@@ -53,9 +63,15 @@ class BudgetController:
             return unknown[0]
         best = self._best = max(self.budgets, key=lambda b: self.tau[b] / self.cost[b])
         larger = [b for b in self.budgets if b > best]
-        if larger and self.since_probe >= self.probe_every:
+        if larger and self.since_probe >= self.probe_interval(best, larger[0]):
             return larger[0]
         return best
+
+    def probe_interval(self, best: int, probe: int) -> float:
+        """Steps of ``best`` between probes of ``probe``: ``probe_every``, or more where a probe loses more than
+        ``max_probe_loss`` of that time (see the module docstring)."""
+        loss = self.cost[probe] / self.cost[best] - self.tau[probe] / self.tau[best]
+        return max(self.probe_every, loss / self.max_probe_loss)
 
     def observe(self, used: int, seconds: float, paths) -> None:
         """Record one step: the budget used, its wall time, and each active row's accepted node path."""
