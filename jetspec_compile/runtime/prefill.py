@@ -57,35 +57,78 @@ def prefill_with_graph(verifier, input_ids: torch.Tensor, real: torch.Tensor, po
     return verifier._logits(out[:, last], head), torch.cat(hidden_parts, dim=1)
 
 
-@torch.no_grad()
-def prefill_with_model(verifier, input_ids: torch.Tensor, real: torch.Tensor, positions: torch.Tensor):
-    """Prefill through one forward of the model; None where its cache has another layout or its padding rows
-    are not finite (the graph prefill that follows then rewrites every slot this may have written)."""
-    b, p = input_ids.shape
+def _model_forward(verifier, input_ids, attention_mask, positions):
+    """One forward of the model over a prompt; ``(output, layers of its cache)``, the layers None where the cache
+    has another layout than one ``[B, H_kv, P, D]`` keys and values tensor per layer of ours."""
     kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(verifier.model)) else {}
     with verifier.prefill_mode:  # packed linears where the verifier was given a kernel setting for them
-        out = verifier.model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions,
+        out = verifier.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=True, output_hidden_states=True, **kwargs)
-    cache = returned_cache(out)
-    layers = getattr(cache, "layers", None)
+    layers = getattr(returned_cache(out), "layers", None)
     kv = verifier.cache.kv
-    shape = (b, kv.shape[2], p, kv.shape[4])
+    shape = (input_ids.shape[0], kv.shape[2], input_ids.shape[1], kv.shape[4])
     if layers is None or 2 * len(layers) != kv.shape[0] or any(
             tuple(getattr(layer, name, torch.empty(0)).shape) != shape
             for layer in layers for name in ("keys", "values")):
-        return None
-    for i, layer in enumerate(layers):
-        kv[2 * i, :, :, :p] = layer.keys
-        kv[2 * i + 1, :, :, :p] = layer.values
-    hidden = torch.cat([out.hidden_states[i + 1] for i in verifier.tap_layers], dim=-1)
-    if not bool(real.all()) and not (bool(torch.isfinite(kv[:, :, :, :p]).all())
-                                     and bool(torch.isfinite(hidden).all())):
-        return None  # a model that leaves fully masked (padding) rows undefined: masked NaNs would spread
+        return out, None
+    return out, layers
+
+
+def _prefill_rows(verifier, input_ids: torch.Tensor, real: torch.Tensor):
+    """A left-padded batch, one forward per row over its real tokens only: no compute on padding (a third of a
+    batch of 16 mixed-length prompts) and no padding rows for the model to leave undefined. The padding slots are
+    zeroed (they stay masked, but must be finite). Returns ``(logits [B, V], hidden [B, P, K*H])`` or None."""
+    b, p = input_ids.shape
+    kv = verifier.cache.kv
+    logits, hidden = [], None
+    for row in range(b):
+        start = p - int(real[row].sum())
+        ids = input_ids[row:row + 1, start:]
+        out, layers = _model_forward(verifier, ids, None, torch.arange(p - start, device=ids.device)[None])
+        if layers is None:
+            return None
+        kv[:, row, :, :start] = 0
+        for i, layer in enumerate(layers):
+            kv[2 * i, row, :, start:p] = layer.keys[0]
+            kv[2 * i + 1, row, :, start:p] = layer.values[0]
+        taps = torch.cat([out.hidden_states[i + 1][0] for i in verifier.tap_layers], dim=-1)
+        if hidden is None:
+            hidden = taps.new_zeros(b, p, taps.shape[-1])
+        hidden[row, start:] = taps
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits), hidden
+
+
+@torch.no_grad()
+def prefill_with_model(verifier, input_ids: torch.Tensor, real: torch.Tensor, positions: torch.Tensor):
+    """Prefill through the model's forward (one per row for a left-padded batch); None where its cache has another
+    layout or its padding rows are not finite (the graph prefill that follows then rewrites every slot this may
+    have written)."""
+    b, p = input_ids.shape
+    left_padded = bool((real.long().diff(dim=1) >= 0).all())  # every row: padding, then its tokens
+    if b > 1 and not bool(real.all()) and left_padded:
+        done = _prefill_rows(verifier, input_ids, real)
+        if done is None:
+            return None
+        logits, hidden = done
+    else:
+        out, layers = _model_forward(verifier, input_ids, real.long(), positions)
+        if layers is None:
+            return None
+        kv = verifier.cache.kv
+        for i, layer in enumerate(layers):
+            kv[2 * i, :, :, :p] = layer.keys
+            kv[2 * i + 1, :, :, :p] = layer.values
+        hidden = torch.cat([out.hidden_states[i + 1] for i in verifier.tap_layers], dim=-1)
+        if not bool(real.all()) and not (bool(torch.isfinite(kv[:, :, :, :p]).all())
+                                         and bool(torch.isfinite(hidden).all())):
+            return None  # a model that leaves fully masked (padding) rows undefined: masked NaNs would spread
+        logits = out.logits[:, -1]
     verifier.cache.valid[:, :p] = real
     verifier.cache.positions[:, :p] = positions
     verifier.cache.length = p
     verifier.base_position = real.long().sum(1)
-    return out.logits[:, -1], hidden
+    return logits, hidden
 
 
 def model_prefill_agrees(verifier) -> bool:

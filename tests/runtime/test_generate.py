@@ -98,7 +98,8 @@ class _Exploding(NGramDrafter):
 
 def test_drafter_error_leaves_model_usable():
     model = make_model("gpt2")
-    spec = js.optimize(model, drafter=_Exploding(after=2), budget=8, max_cache_len=96)
+    # no fallback: the drafter runs on every step (the controller would space out its calls on a losing model)
+    spec = js.optimize(model, drafter=_Exploding(after=2), budget=8, max_cache_len=96, fallback=False)
     ids, mask = left_pad(prompts(1))
     with pytest.raises(RuntimeError, match="drafter failed"):
         spec.generate(ids, max_new_tokens=30)

@@ -107,6 +107,29 @@ def test_model_prefill_fills_the_state_the_graph_would(family):
     torch.testing.assert_close(fast.verify(tokens, tree)[0], graph.verify(tokens, tree)[0], **TOL)
 
 
+def test_a_left_padded_batch_is_prefilled_row_by_row_over_its_real_tokens():
+    """No prefill compute on padding: each row of a left-padded batch runs alone over its own tokens (the state
+    equals the graph's, test above); a mask that is not left padding runs as one batched forward."""
+    model = make_model("llama")
+    v = TreeVerifier(model, max_cache_len=128, batch_size=2, budget=8, tap_layers=(0, 1), self_check=False)
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        ids, mask = left_pad([[5] * 21, [6] * 13])
+        v.prefill(ids, mask)  # the first prefill also checks the model path against the graph's
+        assert v._model_prefill
+        v.cache.kv.fill_(float("nan"))  # whatever an earlier prompt left in the padding slots
+        seen.clear()
+        v.prefill(ids, mask)
+        assert [tuple(s) for s in seen] == [(1, 21), (1, 13)]
+        assert bool(torch.isfinite(v.cache.kv[:, :, :, :21]).all())  # padding slots zeroed: masked, but finite
+        seen.clear()
+        v.prefill(ids, mask.flip(1))  # right padding
+        assert [tuple(s) for s in seen] == [(2, 21)]
+    finally:
+        hook.remove()
+
+
 def test_model_prefill_that_disagrees_with_the_graph_is_not_used(monkeypatch):
     model = make_model("llama")
     original = prefill_paths.prefill_with_model
