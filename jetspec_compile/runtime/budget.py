@@ -16,8 +16,8 @@ How often: a probe step loses ``t_L / t_best − τ_L / τ_best`` steps of the b
 less what its tokens would have cost there), so probes come every ``max(probe_every, loss / max_probe_loss)``
 steps: at most ``max_probe_loss`` of the time is lost to them. Where a probe costs about a plain step (batch 1 on
 a CPU: a budget-8 verify is ~1.2 of them) that is every ``probe_every`` steps; where it costs many (a batch of
-16 rows: 8·16 rows through the GEMMs, ~5.6 plain steps for ~1.4 tokens a row) it is rare, instead of losing
-~40% of the time to probes that never win. The output is unaffected: every budget is lossless.
+16 rows: 8·16 rows through the GEMMs, ~5.6 plain steps for ~1.4 tokens a row) it is rare, where probing every
+4 steps lost 38% of the throughput (docs/results.md, batches). The output is unaffected: every budget is lossless.
 """
 
 from __future__ import annotations
