@@ -3,9 +3,10 @@
 Two ways fill the same state. :func:`prefill_with_graph` runs the prompt through the verify graph itself as
 chains of ``n`` tokens (a chain is a tree); :func:`prefill_with_model` runs one forward of the model (what
 ``generate`` runs; one per row over its own tokens for a left-padded batch) and copies its keys and values into
-the static cache, which is several times faster for long prompts. The model path is used only where it provably fills the same state: no tap on the last layer (HF
-returns that one after the final norm), one full ``[B, H_kv, P, D]`` cache tensor per layer, and agreement with
-the graph path on a random prompt the first time (:func:`model_prefill_agrees`).
+the static cache, which is several times faster for long prompts. The model path is used only where it provably
+fills the same state: no tap on the last layer (HF returns that one after the final norm), one full
+``[B, H_kv, P, D]`` cache tensor per layer, and agreement with the graph path on a random prompt the first time
+(:func:`model_prefill_agrees`).
 """
 
 from __future__ import annotations
