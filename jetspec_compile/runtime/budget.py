@@ -12,12 +12,13 @@ time the next budget above the current best is probed (one step there also refre
 budget), so the estimates follow the text; the controller climbs one budget at a time instead of paying for the
 largest tree on every probe (on a CPU a large tree's verify costs several decoding steps).
 
-How often: a probe step loses ``t_L / t_best − τ_L / τ_best`` steps of the best budget's time (what it costs,
-less what its tokens would have cost there), so probes come every ``max(probe_every, loss / max_probe_loss)``
-steps: at most ``max_probe_loss`` of the time is lost to them. Where a probe costs about a plain step (batch 1 on
-a CPU: a budget-8 verify is ~1.2 of them) that is every ``probe_every`` steps; where it costs many (a batch of
-16 rows: 8·16 rows through the GEMMs, ~5.6 plain steps for ~1.4 tokens a row) it is rare, where probing every
-4 steps lost 38% of the throughput (docs/results.md, batches). The output is unaffected: every budget is lossless.
+How often: a probe step loses ``loss = t_L / t_best − τ_L / τ_best`` steps of the best budget's time (what it
+costs, less what its tokens would have cost there). A probe that loses less than one step is cheap exploration
+(the text changes, and speculation may pay again): it comes every ``probe_every`` steps. A dearer one comes every
+``probe_every · loss²`` steps, so the share of the time it may lose falls as ``1 / (probe_every · loss)``. At batch
+1 on a CPU a budget-8 step costs ~1.2 plain ones and probes stay every 4 steps; at batch 16 it costs ~5.6 plain
+ones for ~1.4 tokens a row (loss ~4.2) and probes come every ~70 steps, where probing every 4 steps lost 38% of
+the throughput (docs/results.md, batches). The output is unaffected: every budget is lossless.
 """
 
 from __future__ import annotations
@@ -33,16 +34,15 @@ class BudgetController:
     Args:
         budgets: candidate budgets (1 = plain decoding); a single budget disables adaptation.
         decay: EMA decay of the τ and cost estimates.
-        probe_every: fewest steps between probes of the next larger budget than the winning one.
-        max_probe_loss: share of the time probes may lose against running the winner (sets the spacing of
-            probes that cost more than they return).
+        probe_every: steps between probes of the next larger budget than the winning one, where a probe loses
+            less than one step of the winner (dearer probes are spaced further, see above).
     """
 
-    def __init__(self, budgets, decay: float = 0.8, probe_every: int = 4, max_probe_loss: float = 0.05):
-        if probe_every < 1 or not max_probe_loss > 0:
-            raise ValueError(f"probe_every must be >= 1 and max_probe_loss > 0, got {probe_every}, {max_probe_loss}")
+    def __init__(self, budgets, decay: float = 0.8, probe_every: int = 4):
+        if probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {probe_every}")
         self.budgets = tuple(sorted(set(budgets)))
-        self.decay, self.probe_every, self.max_probe_loss = decay, probe_every, max_probe_loss
+        self.decay, self.probe_every = decay, probe_every
         self.tau: dict[int, float | None] = {b: (1.0 if b == 1 else None) for b in self.budgets}
         self.cost: dict[int, float | None] = {b: None for b in self.budgets}
         self.since_probe = 0
@@ -68,10 +68,9 @@ class BudgetController:
         return best
 
     def probe_interval(self, best: int, probe: int) -> float:
-        """Steps of ``best`` between probes of ``probe``: ``probe_every``, or more where a probe loses more than
-        ``max_probe_loss`` of that time (see the module docstring)."""
+        """Steps of ``best`` between probes of ``probe``: ``probe_every · max(1, loss)²`` (module docstring)."""
         loss = self.cost[probe] / self.cost[best] - self.tau[probe] / self.tau[best]
-        return max(self.probe_every, loss / self.max_probe_loss)
+        return self.probe_every * max(1.0, loss) ** 2
 
     def observe(self, used: int, seconds: float, paths) -> None:
         """Record one step: the budget used, its wall time, and each active row's accepted node path."""
