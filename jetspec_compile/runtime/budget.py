@@ -16,8 +16,8 @@ How often: a probe step loses ``loss = t_L / t_best − τ_L / τ_best`` steps o
 costs, less what its tokens would have cost there). A probe that loses less than one step is cheap exploration
 (the text changes, and speculation may pay again): it comes every ``probe_every`` steps. A dearer one comes every
 ``probe_every · loss²`` steps, so the share of the time it may lose falls as ``1 / (probe_every · loss)``. At batch
-1 on a CPU a budget-8 step costs ~1.2 plain ones and probes stay every 4 steps; at batch 16 it costs ~5.6 plain
-ones for ~1.4 tokens a row (loss ~4.2) and probes come every ~70 steps, where probing every 4 steps lost 38% of
+1 on a CPU a budget-8 step costs ~1.2 plain ones and probes stay every 4 steps; at batch 16 (eager) it costs ~5.6
+plain ones for ~1.4 tokens a row (loss ~4.2) and probes come every ~70 steps, where probing every 4 steps lost 38% of
 the throughput (docs/results.md, batches). The output is unaffected: every budget is lossless.
 """
 
