@@ -254,7 +254,8 @@ class _Teacher:
 
     @torch.no_grad()
     def __init__(self, target, tap_layers, draft_vocab, sample):
-        self.target, self.vocab = target, draft_vocab
+        weight = target.get_output_embeddings().weight  # frozen while the drafter trains
+        self.head = weight if draft_vocab is None else weight[draft_vocab]  # V' rows: the renormalised distribution
         tc = text_config(target)
         self.start, self.hidden_size = max(tap_layers) + 1, tc.hidden_size
         self.slot = list(tap_layers).index(max(tap_layers))
@@ -278,10 +279,7 @@ class _Teacher:
                         "running the whole target per sequence", gap)
 
     def _head(self, x):
-        weight = self.target.get_output_embeddings().weight
-        if self.vocab is not None:
-            weight = weight[self.vocab]  # the target's distribution renormalised over V'
-        return F.linear(x, weight).float().log_softmax(-1)
+        return F.linear(x, self.head).float().log_softmax(-1)
 
     def _from_taps(self, ids, hidden, rows):
         h = self.hidden_size
