@@ -75,6 +75,13 @@ def _model_forward(verifier, input_ids, attention_mask, positions):
     return out, layers
 
 
+def _store(kv: torch.Tensor, layers, rows: slice, start: int, end: int) -> None:
+    """Copy the model cache's keys and values of every layer into ``kv`` rows ``rows``, slots ``start:end``."""
+    for i, layer in enumerate(layers):
+        kv[2 * i, rows, :, start:end] = layer.keys
+        kv[2 * i + 1, rows, :, start:end] = layer.values
+
+
 def _prefill_rows(verifier, input_ids: torch.Tensor, real: torch.Tensor):
     """A left-padded batch, one forward per row over its real tokens only: no compute on padding (a third of a
     batch of 16 mixed-length prompts) and no padding rows for the model to leave undefined. The padding slots are
@@ -89,9 +96,7 @@ def _prefill_rows(verifier, input_ids: torch.Tensor, real: torch.Tensor):
         if layers is None:
             return None
         kv[:, row, :, :start] = 0
-        for i, layer in enumerate(layers):
-            kv[2 * i, row, :, start:p] = layer.keys[0]
-            kv[2 * i + 1, row, :, start:p] = layer.values[0]
+        _store(kv, layers, slice(row, row + 1), start, p)
         taps = torch.cat([out.hidden_states[i + 1][0] for i in verifier.tap_layers], dim=-1)
         if hidden is None:
             hidden = taps.new_zeros(b, p, taps.shape[-1])
@@ -117,9 +122,7 @@ def prefill_with_model(verifier, input_ids: torch.Tensor, real: torch.Tensor, po
         if layers is None:
             return None
         kv = verifier.cache.kv
-        for i, layer in enumerate(layers):
-            kv[2 * i, :, :, :p] = layer.keys
-            kv[2 * i + 1, :, :, :p] = layer.values
+        _store(kv, layers, slice(None), 0, p)
         hidden = torch.cat([out.hidden_states[i + 1] for i in verifier.tap_layers], dim=-1)
         if not bool(real.all()) and not (bool(torch.isfinite(kv[:, :, :, :p]).all())
                                          and bool(torch.isfinite(hidden).all())):
