@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 __all__ = ["JetSpecConfig", "env_setting", "BACKENDS", "AUTO_BUDGETS", "CPU_LINEARS", "LM_HEADS", "DRAFTER_DTYPES",
-           "PRECISIONS"]
+           "PRECISIONS", "COMPACT_WEIGHTS"]
 
 BACKENDS = ("eager", "inductor", "aoti", "onnxruntime", "tensorrt")
 #: candidates of ``budget="auto"``
@@ -19,6 +19,8 @@ LM_HEADS = ("auto", "certified", "exact")
 #: what a parallel drafter's network computes in on CPU (``drafter_dtype``)
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16")
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: whether few-row fp32 CPU linears read exactly-compact weight forms (``compact_weights``)
+COMPACT_WEIGHTS = ("auto", "off")
 
 
 def env_setting(value: str | None, variable: str, choices: tuple[str, ...], what: str) -> str:
@@ -49,6 +51,11 @@ class JetSpecConfig:
         cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``, and every backend's prompt prefill):
             ``"auto"`` (measure both per weight shape), ``"mkl"`` or ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``,
             else ``"auto"``.
+        compact_weights: ``eager`` and ``inductor`` on CPU: ``"auto"`` runs few-row fp32 linears (decoding, tree
+            verification) from a compact form of each weight that decodes to it bit for bit, where one exists (bf16
+            for a bf16 checkpoint loaded as fp32, 4-bit codes with a scale and a min per 32 inputs for a model
+            dequantized from a Q4_1 GGUF file; :mod:`jetspec_compile.kernels.compact_linear`); ``"off"`` never.
+            None: ``$JETSPEC_COMPACT_WEIGHTS``, else ``"auto"``.
         lm_head: ``eager`` and ``inductor`` on CPU: ``"certified"`` takes the LM head out of the verify graph and
             finds greedy verification's argmax from a bf16 copy of its weight, proved equal to the fp32 argmax
             (:mod:`jetspec_compile.kernels.lm_head`); ``"exact"`` keeps the fp32 head in the graph; ``"auto"``
@@ -72,6 +79,7 @@ class JetSpecConfig:
     self_check: bool = True
     artifact_dir: str | None = None
     cpu_linear: str | None = None
+    compact_weights: str | None = None
     lm_head: str | None = None
     drafter_dtype: str | None = None
     precision: str | None = None
@@ -88,6 +96,8 @@ class JetSpecConfig:
                              f"got {self.max_cache_len!r}")
         if self.cpu_linear not in (None, *CPU_LINEARS):
             raise ValueError(f"cpu_linear must be one of {CPU_LINEARS} or None, got {self.cpu_linear!r}")
+        if self.compact_weights not in (None, *COMPACT_WEIGHTS):
+            raise ValueError(f"compact_weights must be one of {COMPACT_WEIGHTS} or None, got {self.compact_weights!r}")
         if self.lm_head not in (None, *LM_HEADS):
             raise ValueError(f"lm_head must be one of {LM_HEADS} or None, got {self.lm_head!r}")
         if self.drafter_dtype not in (None, *DRAFTER_DTYPES):

@@ -57,3 +57,26 @@ def _model(family: str, seed: int):
 def make_model(family: str, seed: int = 0):
     """A fresh tiny model of ``family`` (cached; deep-copied so tests may not leak changes)."""
     return copy.deepcopy(_model(family, seed))
+
+
+def q4_1(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` quantized as a Q4_1 GGUF file stores it and dequantized back to fp32: per 32 inputs of a row, an
+    fp16 scale and min and 4-bit codes, ``scale * code + min`` in fp32 (how SmolLM2's GGUF weights load)."""
+    n, k = weight.shape
+    blocks = weight.reshape(n, k // 32, 32)
+    lo = blocks.amin(-1, keepdim=True).half().float()
+    scale = ((blocks.amax(-1, keepdim=True) - lo) / 15).half().float()
+    codes = torch.where(scale > 0, ((blocks - lo) / scale).round(), torch.zeros_like(blocks)).clamp(0, 15)
+    return (scale * codes + lo).reshape(n, k)
+
+
+def with_exact_weights(model, form: str):
+    """``model`` with the weight of every ``nn.Linear`` but the LM head made exactly ``form`` ("bf16": rounded to
+    bf16, as a bf16 checkpoint loaded in fp32; "q4": :func:`q4_1`), in place; returns ``model``."""
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                w = module.weight
+                w.copy_(w.bfloat16().float() if form == "bf16" else q4_1(w))
+    return model

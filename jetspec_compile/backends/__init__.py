@@ -26,6 +26,7 @@ import torch
 from ..config import BACKENDS as BACKEND_NAMES
 from ..config import JetSpecConfig
 from ..drafter.precision import drafter_dtype_setting, in_drafter_dtype
+from ..kernels.compact_linear import compact_setting
 from ..kernels.cpu_linear import kernel_setting
 from ..kernels.lm_head import lm_head_setting
 from ..passes import LOWERING_PASSES, PassManager, prepack_linear_weights, split_lm_head
@@ -46,6 +47,8 @@ class LoweringOptions:
         artifact_dir: folder of compiled packages (``aoti``; default: the cache folder).
         cpu_linear: packed GEMM of fp32 CPU linears (``eager``, ``inductor``, and every backend's prompt prefill):
             ``"auto"``, ``"mkl"``, ``"onednn"``; None: ``$JETSPEC_CPU_LINEAR``, else ``"auto"``.
+        compact_weights: ``eager`` and ``inductor`` on CPU: ``"auto"`` or ``"off"``
+            (:mod:`~jetspec_compile.kernels.compact_linear`); None: ``$JETSPEC_COMPACT_WEIGHTS``, else ``"auto"``.
         lm_head: ``eager`` and ``inductor`` on CPU: ``"auto"``, ``"certified"``, ``"exact"``
             (:func:`~jetspec_compile.passes.split_lm_head`); None: ``$JETSPEC_LM_HEAD``, else ``"auto"``.
         drafter_dtype: ``eager``, ``inductor`` and ``aoti`` on CPU: ``"auto"``, ``"float32"``, ``"bfloat16"``
@@ -56,6 +59,7 @@ class LoweringOptions:
 
     artifact_dir: str | None = None
     cpu_linear: str | None = None
+    compact_weights: str | None = None
     lm_head: str | None = None
     drafter_dtype: str | None = None
     max_cache_len: int = 2048
@@ -63,6 +67,7 @@ class LoweringOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cpu_linear", kernel_setting(self.cpu_linear))  # checked once, read once
+        object.__setattr__(self, "compact_weights", compact_setting(self.compact_weights))
         object.__setattr__(self, "lm_head", lm_head_setting(self.lm_head))
         object.__setattr__(self, "drafter_dtype", drafter_dtype_setting(self.drafter_dtype))
         if self.precision not in (None, "fp32", "fp16", "bf16"):
@@ -70,7 +75,8 @@ class LoweringOptions:
 
     @classmethod
     def from_config(cls, config: JetSpecConfig) -> "LoweringOptions":
-        return cls(artifact_dir=config.artifact_dir, cpu_linear=config.cpu_linear, lm_head=config.lm_head,
+        return cls(artifact_dir=config.artifact_dir, cpu_linear=config.cpu_linear,
+                   compact_weights=config.compact_weights, lm_head=config.lm_head,
                    drafter_dtype=config.drafter_dtype, max_cache_len=config.max_cache_len,
                    precision=config.precision)
 
@@ -93,14 +99,17 @@ def _on_cpu(drafter) -> bool:
     return bool(params) and params[0].device.type == "cpu"
 
 
-def lower_eager(step, prepack: bool = True, cpu_linear: str | None = None, lm_head: str | None = "exact"):
+def lower_eager(step, prepack: bool = True, cpu_linear: str | None = None, lm_head: str | None = "exact",
+                compact_weights: str | None = None):
     """The rewritten FX graph itself, after the PyTorch lowering passes (native grouped-query attention), the LM
     head left to the runtime where ``lm_head`` says so (:func:`~jetspec_compile.passes.split_lm_head`; default
-    ``"exact"``: kept) and, with ``prepack``, fp32 CPU linears run from packed weights
-    (:func:`~jetspec_compile.passes.prepack_linear_weights`)."""
+    ``"exact"``: kept) and, with ``prepack``, fp32 CPU linears run from packed or exactly compact weights
+    (:func:`~jetspec_compile.passes.prepack_linear_weights`, ``compact_weights``)."""
     cpu_linear = kernel_setting(cpu_linear)
+    compact_weights = compact_setting(compact_weights)
     passes = LOWERING_PASSES + (functools.partial(split_lm_head, setting=lm_head, cpu_linear=cpu_linear),)
-    passes += (functools.partial(prepack_linear_weights, kernel=cpu_linear),) if prepack else ()
+    passes += ((functools.partial(prepack_linear_weights, kernel=cpu_linear, compact=compact_weights),)
+               if prepack else ())
     PassManager(passes)(step)
     return step.graph_module
 
@@ -109,7 +118,8 @@ class EagerBackend(Backend):
     name = "eager"
 
     def lower_verify(self, step, options):
-        return lower_eager(step, cpu_linear=options.cpu_linear, lm_head=options.lm_head)
+        return lower_eager(step, cpu_linear=options.cpu_linear, lm_head=options.lm_head,
+                           compact_weights=options.compact_weights)
 
     def lower_drafter(self, drafter, options):
         return in_drafter_dtype(drafter, options.drafter_dtype)  # on CPU, in PyTorch from packed weights
@@ -119,7 +129,8 @@ class InductorBackend(Backend):
     name = "inductor"
 
     def lower_verify(self, step, options):
-        return lower_inductor(step, cpu_linear=options.cpu_linear, lm_head=options.lm_head)
+        return lower_inductor(step, cpu_linear=options.cpu_linear, lm_head=options.lm_head,
+                              compact_weights=options.compact_weights)
 
     def lower_drafter(self, drafter, options):
         # on CPU the drafter's step runs an AOTInductor package (compiled once per drafter and cached, like the

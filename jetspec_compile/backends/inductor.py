@@ -40,8 +40,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..counters import counters
 from ..interface import VerifyInterface
-from ..kernels.cpu_linear import CPU_LINEAR_KERNELS, choose_kernel, kernel_setting, pack_weight
+from ..kernels.compact_linear import compact_setting, compact_weight
+from ..kernels.cpu_linear import CPU_LINEAR_KERNELS, MAX_ROWS, choose_kernel, kernel_setting, pack_weight
 from ..passes import KERNEL_LOWERING_PASSES, LOWERING_PASSES, PassManager, split_lm_head
+from ..passes.prepack_linear_weights import register_compact
 
 logger = logging.getLogger(__name__)
 
@@ -76,26 +78,29 @@ class TreeAttentionPass(CustomGraphPass):
 
 
 class PackedLinearPass(CustomGraphPass):
-    """Post-grad pass over a *frozen* CPU graph: picks the packed GEMM kernel of every fp32 linear.
+    """Post-grad pass over a *frozen* CPU graph: picks the GEMM kernel of every fp32 linear.
 
-    With ``freezing``, Inductor packs fp32 linear weights for MKL (``mkl._mkl_linear``). MKL's small-row GEMMs
-    are fast on Intel CPUs and can be several times slower than oneDNN's on others (AMD; ``docs/results.md``). Each
-    MKL linear whose kernel :func:`~jetspec_compile.kernels.cpu_linear.choose_kernel` says is slower than oneDNN here
-    (``kernel``: ``"auto"`` measures per shape, ``"mkl"`` / ``"onednn"`` force one) becomes
-    ``mkldnn._linear_pointwise`` on a weight packed for oneDNN, a constant of the frozen graph.
+    With ``freezing``, Inductor packs fp32 linear weights for MKL (``mkl._mkl_linear``). Each such linear of up to
+    ``MAX_ROWS`` rows whose weight has an exact compact form (``compact``: ``"auto"``; bf16, or 4-bit codes with a
+    scale and a min per 32 inputs: :mod:`~jetspec_compile.kernels.compact_linear`) calls that form's kernel, which
+    reads 2 or 0.75 bytes per weight instead of 4. Otherwise: MKL's small-row GEMMs are fast on Intel CPUs and can
+    be several times slower than oneDNN's on others (AMD; ``docs/results.md``), so each MKL linear whose kernel
+    :func:`~jetspec_compile.kernels.cpu_linear.choose_kernel` says is slower than oneDNN here (``kernel``:
+    ``"auto"`` measures per shape, ``"mkl"`` / ``"onednn"`` force one) becomes ``mkldnn._linear_pointwise`` on a
+    weight packed for oneDNN, a constant of the frozen graph.
     """
 
-    def __init__(self, kernel: str = "auto"):
+    def __init__(self, kernel: str = "auto", compact: str = "auto"):
         if kernel not in CPU_LINEAR_KERNELS:
             raise ValueError(f"cpu linear kernel must be one of {CPU_LINEAR_KERNELS}, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel, self.compact = kernel, compact_setting(compact)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         mkl_linear = getattr(getattr(torch.ops, "mkl", None), "_mkl_linear", None)
         if gm is None or mkl_linear is None or not torch.backends.mkldnn.is_available():
             return
-        rewritten = 0
+        rewritten = compact = 0
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in (mkl_linear, mkl_linear.default):
                 continue
@@ -105,16 +110,23 @@ class PackedLinearPass(CustomGraphPass):
             weight = operator.attrgetter(weight_node.target)(gm)
             if weight.dtype != torch.float32 or weight.dim() != 2:
                 continue
-            if choose_kernel(weight.shape[0], weight.shape[1], rows, self.kernel) != "onednn":
+            form = compact_weight(weight, self.compact) if rows <= MAX_ROWS else None
+            if form is not None:
+                with graph.inserting_before(node):
+                    replacement = graph.call_function(form.op(), (x, *register_compact(gm, weight_node.target, form),
+                                                                  bias))
+                compact += 1
+            elif choose_kernel(weight.shape[0], weight.shape[1], rows, self.kernel) == "onednn":
+                name = f"_jetspec_onednn_{rewritten}"
+                gm.register_buffer(name, pack_weight("onednn", weight, rows), persistent=False)
+                with graph.inserting_before(node):
+                    packed = graph.get_attr(name)
+                    replacement = graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
+                                                      (x, packed, bias, "none", [], ""))
+            else:
                 continue
-            name = f"_jetspec_onednn_{rewritten}"
-            gm.register_buffer(name, pack_weight("onednn", weight, rows), persistent=False)
-            with graph.inserting_before(node):
-                packed = graph.get_attr(name)
-                onednn = graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
-                                             (x, packed, bias, "none", [], ""))
-            onednn.meta.update(node.meta)
-            node.replace_all_uses_with(onednn)
+            replacement.meta.update(node.meta)
+            node.replace_all_uses_with(replacement)
             graph.erase_node(node)
             for unused in (mkl_packed, weight_node):  # free the MKL copy (and the plain weight) with their node
                 if unused.op == "get_attr" and not unused.users:
@@ -123,19 +135,23 @@ class PackedLinearPass(CustomGraphPass):
                         delattr(gm, unused.target)
             rewritten += 1
         graph.eliminate_dead_code()
-        counters["inductor"]["onednn_linears"] += rewritten
-        logger.info("jetspec packed-linear pass: %d linears on oneDNN", rewritten)
+        counters["inductor"]["onednn_linears"] += rewritten - compact
+        counters["inductor"]["compact_linears"] += compact
+        logger.info("jetspec packed-linear pass: %d linears on oneDNN, %d compact", rewritten - compact, compact)
 
     def uuid(self) -> bytes:
-        return hashlib.sha256(inspect.getsource(type(self)).encode() + self.kernel.encode()).digest()
+        return hashlib.sha256(inspect.getsource(type(self)).encode() + self.kernel.encode()
+                              + self.compact.encode()).digest()
 
 
 def jetspec_backend(gm: torch.fx.GraphModule, example_inputs, freezing: bool = False,
-                    cpu_linear: str = "auto") -> Callable:
+                    cpu_linear: str = "auto", compact_weights: str = "auto") -> Callable:
     """Dynamo backend: Inductor with the jetspec post-grad passes installed.
 
     ``freezing``: weights as constants, for inference graphs (``lower_inductor`` turns it on on CPU).
     ``cpu_linear``: with freezing, the packed GEMM kernel of fp32 linears (see :class:`PackedLinearPass`).
+    ``compact_weights``: with freezing, ``"auto"`` runs few-row linears from exactly compact weights where they
+    have such a form, ``"off"`` never (see :class:`PackedLinearPass`).
     """
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
@@ -144,7 +160,7 @@ def jetspec_backend(gm: torch.fx.GraphModule, example_inputs, freezing: bool = F
     counters["inductor"]["frozen_compiles"] += bool(freezing)
     passes = {"freezing": freezing, "post_grad_custom_post_pass": TreeAttentionPass()}
     if freezing:
-        passes["post_grad_custom_pre_pass"] = PackedLinearPass(cpu_linear)
+        passes["post_grad_custom_pre_pass"] = PackedLinearPass(cpu_linear, compact_weights)
         passes["cpp.enable_concat_linear"] = CONCAT_LINEARS
     with inductor_config.patch(passes):
         return compile_fx(gm, example_inputs)
@@ -156,7 +172,8 @@ CONCAT_LINEARS = True
 
 
 def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = None,
-                   cpu_linear: str | None = None, lm_head: str | None = "exact") -> Callable:
+                   cpu_linear: str | None = None, lm_head: str | None = "exact",
+                   compact_weights: str | None = None) -> Callable:
     """Compile a rewritten verify step's graph (after the PyTorch lowering passes) with the ``jetspec`` backend.
 
     ``kernels``: lower attention to the tree-attention custom op first (default: on CUDA models only).
@@ -165,10 +182,13 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     ``JETSPEC_CPU_LINEAR`` sets another), ``"onednn"`` or ``"mkl"``; see :class:`PackedLinearPass`.
     ``lm_head``: leave the LM head to the runtime where this setting says so (frozen CPU graphs only;
     :func:`~jetspec_compile.passes.split_lm_head`); default ``"exact"``: the head stays in the graph.
+    ``compact_weights``: ``"auto"`` (default; ``$JETSPEC_COMPACT_WEIGHTS`` sets another) or ``"off"``; see
+    :class:`PackedLinearPass`.
     """
     from torch._inductor import config as inductor_config
 
     cpu_linear = kernel_setting(cpu_linear)  # a bad setting fails here, before the graph is touched
+    compact_weights = compact_setting(compact_weights)
 
     cuda = next(step.model.parameters()).is_cuda
     kernels = cuda if kernels is None else kernels
@@ -177,7 +197,8 @@ def lower_inductor(step, kernels: bool | None = None, freezing: bool | None = No
     if freezing and not cuda:
         passes += (functools.partial(split_lm_head, setting=lm_head, cpu_linear=cpu_linear),)
     PassManager(passes)(step)
-    backend = functools.partial(jetspec_backend, freezing=freezing, cpu_linear=cpu_linear)
+    backend = functools.partial(jetspec_backend, freezing=freezing, cpu_linear=cpu_linear,
+                                compact_weights=compact_weights)
     compiled = torch.compile(step.graph_module, backend=backend, fullgraph=True)
     first = [True]
 
