@@ -15,7 +15,8 @@ hits every variant alike):
    LM head). Inductor fuses across these boundaries, so it gets the per-kernel table of (2) instead
    (``--kernel-profile`` names Inductor's C++ kernels in it).
 4. **GEMM kernels** (``--gemm``): every linear shape of the model at 1 row and at ``--budget`` rows, plain
-   ``F.linear`` against the MKL- and oneDNN-packed kernels the backends choose between.
+   ``F.linear`` against the MKL- and oneDNN-packed kernels the backends choose between; then one step's layer
+   linears on oneDNN against the exactly compact weight forms (``kernels/compact_linear.py``).
 5. **Generate breakdown** (``--generate-tokens`` > 0): greedy generation on chat prompts at budget 1 (fallback
    only) and at ``--budget`` (speculating every step), per step: draft / verify / host ms (``last_stats``), τ,
    tokens/s, against HF ``generate`` on the same prompts; every output is compared with HF's.
@@ -303,6 +304,45 @@ def gemm_table(model, rows_list, reps: int) -> dict:
                 f"{k} {t * 1e3:7.3f} ms ({mb / (t * 1e3):5.1f} GB/s)" for k, t in best.items()))
             out[f"{rows}x{in_f}->{out_f}"] = {k: t * 1e3 for k, t in best.items()}
     out["concat"] = _concat_table(model, rows_list, reps)
+    out["compact"] = _compact_table(model, rows_list, reps)
+    return out
+
+
+def _compact_table(model, rows_list, reps: int) -> dict:
+    """Every linear of every layer (the model's own weights, one step's worth) on oneDNN packed fp32 against the
+    exact compact form the model's weights have (``kernels/compact_linear.py``; 4-bit codes for SmolLM2's
+    GGUF-derived weights) and against the bf16 form of the same weights rounded to bf16 (what a bf16 checkpoint
+    loaded as fp32 gets), interleaved; ms per step."""
+    from jetspec_compile.kernels import compact_linear
+    from jetspec_compile.kernels.cpu_linear import pack_weight, run_packed
+
+    if not compact_linear.kernels_available():
+        print(f"---- compact weights: kernels unavailable ({compact_linear.build_error()})")
+        return {}
+    weights = [m.weight.detach() for layer in model.model.layers for m in layer.modules()
+               if isinstance(m, torch.nn.Linear)]
+    own = [compact_linear.encode(w) for w in weights]
+    forms = sorted({f.form for f in own if f is not None})
+    rounded = [compact_linear.encode(w.bfloat16().float()) for w in weights]
+    out = {}
+    print(f"---- every layer linear of one step: oneDNN fp32 against compact weights (own form: {forms or 'none'})")
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
+        packed = [pack_weight("onednn", w, rows) for w in weights]
+        variants = {"onednn": lambda: [run_packed("onednn", xs[w.shape[1]], p, w, None, rows)
+                                       for w, p in zip(weights, packed)],
+                    "bf16 (rounded weights)": lambda: [f.linear(xs[w.shape[1]]) for w, f in zip(weights, rounded)]}
+        if all(f is not None for f in own):
+            variants["own form"] = lambda: [f.linear(xs[w.shape[1]]) for w, f in zip(weights, own)]
+        times = {k: [] for k in variants}
+        with torch.no_grad():
+            for _ in range(reps):
+                for name, fn in variants.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+        print(f"  rows {rows:2d}: " + ", ".join(f"{k} {_stats(t)}" for k, t in times.items()))
+        out[str(rows)] = {k: statistics.median(t) * 1e3 for k, t in times.items()}
     return out
 
 

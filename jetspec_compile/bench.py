@@ -376,6 +376,26 @@ def drafter_dtype_report(specs: dict) -> tuple[dict, str]:
     return data, text
 
 
+def weight_form_report(model, specs: dict) -> tuple[dict, str]:
+    """How each spec's decoding and verify graphs read the model's linear weights: the exact compact forms
+    (:mod:`jetspec_compile.kernels.compact_linear`) of the layers' weights where the spec's backend and setting use
+    them, else fp32. Returns the data and a one-line text."""
+    from .kernels.compact_linear import compact_setting, compact_weight
+
+    head = model.get_output_embeddings()
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    data, parts = {}, []
+    for name, spec in specs.items():
+        setting = compact_setting(spec.config.compact_weights)
+        uses = spec.config.backend in ("eager", "inductor") and setting != "off"
+        forms = [compact_weight(w, setting) if uses else None for w in weights]
+        counts = dict(Counter(form.form if form is not None else "fp32" for form in forms))
+        mb = sum(f.nbytes if f is not None else w.numel() * w.element_size() for f, w in zip(forms, weights)) / 1e6
+        data[name] = {"forms": counts, "mb": mb}
+        parts.append(f"{name} " + " + ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + f" ({mb:.0f} MB)")
+    return data, "Layer weights read per decoding step: " + ", ".join(parts) if parts else ""
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     """Index of the first token where ``a`` and ``b`` differ (the shorter length if one is a prefix)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -662,7 +682,9 @@ def run_bench_cli(args) -> None:
                            for name, p in peers.items()}
         result["lm_heads"], heads = lm_head_report(specs)
         result["drafter_dtypes"], drafters = drafter_dtype_report(specs)
-        table = markdown(result["summary"], result["methods"]) + "\n\n" + heads + ("\n" + drafters if drafters else "")
+        result["weight_forms"], forms = weight_form_report(model, specs)
+        table = (markdown(result["summary"], result["methods"]) + "\n\n" + heads + ("\n" + drafters if drafters else "")
+                 + ("\n" + forms if forms else ""))
         if peers:
             table += "\n\n" + step_cost_markdown(result["summary"], result["methods"])
             table += "\n\n" + identity_report(result["records"], result["methods"])

@@ -1,5 +1,8 @@
 """The benchmark's summary and plots, on synthetic records (no model run)."""
 
+import pytest
+import torch
+
 from jetspec_compile.bench import markdown, plot, summarize
 
 
@@ -102,3 +105,22 @@ def test_drafter_dtype_report_says_what_each_drafter_computed_in():
     assert data == {"fp32": "float32", **({"bf16": "bfloat16"} if "bf16" in specs else {})}
     assert text.startswith("Drafter network computed in: fp32 float32")
     assert drafter_dtype_report({"ngram": specs["ngram"]}) == ({}, "")
+
+
+def test_weight_form_report_says_how_each_spec_reads_the_layer_weights():
+    import jetspec_compile as js
+    from jetspec_compile.bench import weight_form_report
+    from jetspec_compile.drafter import NGramDrafter
+    from jetspec_compile.kernels import compact_linear
+    from tests.families import make_model, with_exact_weights
+
+    model = with_exact_weights(make_model("llama"), "q4")
+    specs = {"auto": js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=64),
+             "off": js.optimize(model, drafter=NGramDrafter(), budget=4, max_cache_len=64, compact_weights="off")}
+    data, text = weight_form_report(model, specs)
+    layers = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
+    fp32_mb = sum(m.weight.numel() * 4 for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)) / 1e6
+    assert data["off"] == {"forms": {"fp32": layers}, "mb": pytest.approx(fp32_mb)}
+    if compact_linear.kernels_available():
+        assert data["auto"]["forms"] == {"q4": layers} and data["auto"]["mb"] == pytest.approx(fp32_mb * 0.1875)
+        assert text.startswith(f"Layer weights read per decoding step: auto q4 x{layers}")

@@ -82,9 +82,18 @@ def _compile_command(source: Path, out: Path) -> list[str]:
             "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.lower().startswith(("flags", "features"))), "").encode()
+    except OSError:
+        return platform.processor().encode()
+
+
 def _library_path() -> Path:
+    # -march=native: one build per instruction set, PyTorch version and source
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode()
-                         + platform.node().encode()).hexdigest()[:16]  # -march=native: per machine
+                         + _cpu_flags()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"compact_linear_{key}.so"
 
 
