@@ -44,6 +44,7 @@ import torch
 from ..config import COMPACT_WEIGHTS, env_setting
 from ..io import atomic_file, file_lock
 from ..paths import cache_dir
+from .cpu_linear import derived
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def kernels_available() -> bool:
         if not path.exists():
             with file_lock(path.with_suffix(".lock")):
                 if not path.exists():  # another process built it while this one waited
-                    logger.info("compiling %s (once per machine, ~20 s)", SOURCE.name)
+                    logger.info("compiling %s (once per machine, ~10 s)", SOURCE.name)
                     with atomic_file(path, suffix=".so") as tmp:
                         done = subprocess.run(_compile_command(SOURCE, tmp), capture_output=True, text=True)
                         if done.returncode:
@@ -255,8 +256,6 @@ def compact_weight(weight: torch.Tensor, setting: str | None = None) -> CompactW
         return None
     if not kernels_available():
         return None
-    from .cpu_linear import derived
-
     entries = derived(weight, _ENCODED)
     if "compact" not in entries:
         with torch.no_grad():

@@ -96,3 +96,23 @@ def test_the_op_compiles_with_inductor():
 
     compiled = torch.compile(f, fullgraph=True)
     assert torch.equal(compiled(x), f(x))
+
+
+def test_without_a_compiler_the_kernels_are_unavailable_and_weights_stay_fp32(tmp_path):
+    """A fresh cache and a compiler that does not exist: no build, a reason, and no compact form (fp32 GEMMs)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from jetspec_compile.kernels import compact_linear as c\n"
+              "from tests.families import q4_1\n"
+              "assert not c.kernels_available()\n"
+              "assert c.compact_weight(q4_1(torch.randn(32, 64))) is None\n"
+              "print(c.build_error())\n")
+    env = {**os.environ, "JETSPEC_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr
+    assert "no-such-compiler" in done.stdout
+    assert not list(tmp_path.glob("kernels/*.so"))  # nothing half-written
