@@ -36,6 +36,7 @@ import platform
 import shutil
 import subprocess
 import sysconfig
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +99,19 @@ def _library_path() -> Path:
     return cache_dir() / "kernels" / f"compact_linear_{key}.so"
 
 
-@functools.cache
 def kernels_available() -> bool:
     """Build (once per machine and PyTorch version, cached under the cache folder) and load the kernels. False,
     with the reason in :func:`build_error` and a warning logged, where that fails (no C++ compiler, not a CPU
-    build): callers then keep their fp32 GEMMs."""
+    build): callers then keep their fp32 GEMMs. Thread-safe; decided once per process."""
+    with _LOAD_LOCK:  # a library loaded twice would register its ops twice
+        return _load()
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.cache
+def _load() -> bool:
     try:
         path = _library_path()
         if not path.exists():
