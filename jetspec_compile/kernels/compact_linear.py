@@ -248,8 +248,10 @@ def encode(weight: torch.Tensor, forms: tuple[str, ...] = FORMS) -> CompactWeigh
         return None
     w = weight.detach().contiguous()
     for form in forms:
-        found = (_encode_q4 if form == "q4" else _encode_bf16)(w)
-        if found is not None:
+        encoder = _encode_q4 if form == "q4" else _encode_bf16
+        # the first tile's rows first: most fp32 weights fail there, before the whole tensor's temporaries (an LM
+        # head's run to ~1 GB) are made
+        if encoder(w[:LANES]) is not None and (found := encoder(w)) is not None:
             return found
     return None
 

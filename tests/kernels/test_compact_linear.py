@@ -58,6 +58,9 @@ def test_a_weight_that_is_not_exact_gets_no_form():
     q = q4_1(w)
     q[5, 7] = torch.nextafter(q[5, 7], torch.tensor(1.0))  # one weight one ulp off its 4-bit grid (and bf16)
     assert encode(q) is None
+    late = q4_1(w)
+    late[40, 7] = torch.nextafter(late[40, 7], torch.tensor(1.0))  # off the grid beyond the first tile of rows
+    assert encode(late) is None
     nan = q4_1(w)
     nan[0, 0] = float("nan")
     assert encode(nan) is None
